@@ -1,0 +1,26 @@
+"""PRANCE: per-image adaptive channel widths and token counts for Vision Transformers."""
+
+__version__ = "0.1.0"
+
+from prance.accounting import count_macs, count_params, mac_breakdown, macs_per_sample, params_per_sample
+from prance.config import SearchSpace, ViTConfig
+from prance.errors import PranceError
+from prance.model import MetaViT, create_model, from_timm, to_timm_state_dict
+from prance.plan import Plan
+
+__all__ = [
+    "__version__",
+    "MetaViT",
+    "Plan",
+    "PranceError",
+    "SearchSpace",
+    "ViTConfig",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "from_timm",
+    "mac_breakdown",
+    "macs_per_sample",
+    "params_per_sample",
+    "to_timm_state_dict",
+]

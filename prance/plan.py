@@ -1,0 +1,254 @@
+"""Per-sample execution plans: which widths, MLP ratios, heads and keep ratios each image uses.
+
+A :class:`Plan` is a small batch of tensors with one row per sample (a single row broadcasts
+over any batch). The selector produces plans, the meta-network and the execution engine
+consume them, and :func:`prance.count_macs` prices them; validation against the
+:class:`~prance.config.SearchSpace` happens here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from prance.config import SearchSpace, ViTConfig
+from prance.errors import PranceError
+
+_KEYS = ("widths", "mlp_ratios", "heads", "keep", "merge_keep")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Choices for a batch of samples (row ``i`` belongs to sample ``i``; one row broadcasts).
+
+    widths:     ``[B, S]`` int64, residual width of every stage (stage 0 is always full).
+    mlp_ratios: ``[B, depth]`` float64, MLP ratio of every block.
+    heads:      ``[B, depth]`` int64, attention heads of every block.
+    keep:       ``[B, S]`` float64, fraction of patch tokens kept by pruning at the start of
+                each stage (1 = none removed; stage 0 is always 1).
+    merge_keep: ``[B, S]`` float64, fraction of the remaining patch tokens kept by merging.
+    """
+
+    widths: torch.Tensor
+    mlp_ratios: torch.Tensor
+    heads: torch.Tensor
+    keep: torch.Tensor
+    merge_keep: torch.Tensor
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def uniform(
+        cls,
+        config: ViTConfig,
+        widths: Sequence[int],
+        mlp_ratios: Sequence[float] | float,
+        heads: Sequence[int] | int | None = None,
+        keep: Sequence[float] | float = 1.0,
+        merge_keep: Sequence[float] | float = 1.0,
+    ) -> "Plan":
+        """One sample's plan from per-stage widths and per-block (or one) MLP ratio.
+
+        ``keep`` and ``merge_keep`` are given for stages 1.. (a scalar repeats); stage 0 is 1.
+        """
+        s, d = config.num_stages, config.depth
+        if len(widths) != s:
+            raise PranceError(f"plan needs {s} stage widths, got {len(widths)}; give one per stage")
+        ratios = _per(mlp_ratios, d, "MLP ratios", "block")
+        head_list = _per(config.num_heads if heads is None else heads, d, "head counts", "block")
+        keeps = [1.0] + _per(keep, s - 1, "keep ratios", "stage after the first")
+        merges = [1.0] + _per(merge_keep, s - 1, "merge keep ratios", "stage after the first")
+        return cls(
+            widths=torch.tensor([list(widths)], dtype=torch.int64),
+            mlp_ratios=torch.tensor([ratios], dtype=torch.float64),
+            heads=torch.tensor([head_list], dtype=torch.int64),
+            keep=torch.tensor([keeps], dtype=torch.float64),
+            merge_keep=torch.tensor([merges], dtype=torch.float64),
+        )
+
+    @classmethod
+    def full(cls, config: ViTConfig) -> "Plan":
+        """The largest subnet: every width, ratio and head at maximum, no token reduction."""
+        return cls.uniform(config, [config.embed_dim] * config.num_stages, config.mlp_ratio)
+
+    @classmethod
+    def smallest(cls, config: ViTConfig, space: SearchSpace) -> "Plan":
+        """The smallest subnet (stage 0 stays full); no token reduction."""
+        s, k = config.num_stages, config.stage_depth
+        widths = [config.embed_dim] + [space.widths[0]] * (s - 1)
+        ratios = [config.mlp_ratio] * k + [space.mlp_ratios[0]] * (config.depth - k)
+        heads = [config.num_heads] * k + [_min_heads(config, space)] * (config.depth - k)
+        return cls.uniform(config, widths, ratios, heads)
+
+    @classmethod
+    def random(
+        cls,
+        config: ViTConfig,
+        space: SearchSpace,
+        batch: int = 1,
+        generator: torch.Generator | None = None,
+        keep_range: tuple[float, float] | None = None,
+    ) -> "Plan":
+        """``batch`` independent random plans; keep ratios uniform in ``keep_range`` if given."""
+        s, d, k = config.num_stages, config.depth, config.stage_depth
+
+        def pick(choices: Sequence[Any], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            idx = torch.randint(len(choices), shape, generator=generator)
+            return torch.tensor(list(choices), dtype=dtype)[idx]
+
+        widths = pick(space.widths, (batch, s), torch.int64)
+        widths[:, 0] = config.embed_dim
+        ratios = pick(space.mlp_ratios, (batch, d), torch.float64)
+        ratios[:, :k] = config.mlp_ratio
+        heads = torch.full((batch, d), config.num_heads, dtype=torch.int64)
+        if space.elastic_heads:
+            heads[:, k:] = pick(space.heads, (batch, d - k), torch.int64)
+        keep = torch.ones(batch, s, dtype=torch.float64)
+        merge_keep = torch.ones(batch, s, dtype=torch.float64)
+        if keep_range is not None:
+            lo, hi = keep_range
+            for t in ([keep] if space.token_mode == "prune" else [merge_keep] if space.token_mode == "merge"
+                      else [keep, merge_keep]):
+                t[:, 1:] = lo + (hi - lo) * torch.rand(batch, s - 1, generator=generator, dtype=torch.float64)
+                if space.keep_grid > 0:
+                    t[:, 1:] = snap_keep(t[:, 1:], space.keep_grid)
+        return cls(widths, ratios, heads, keep, merge_keep)
+
+    @classmethod
+    def cat(cls, plans: Sequence["Plan"]) -> "Plan":
+        return cls(*(torch.cat([getattr(p, k) for p in plans]) for k in _KEYS))
+
+    @classmethod
+    def from_dict(cls, config: ViTConfig, d: dict[str, Any]) -> "Plan":
+        """A single-sample plan from a YAML/JSON mapping (see :meth:`to_dict`)."""
+        unknown = sorted(set(d) - set(_KEYS))
+        if unknown:
+            raise PranceError(f"unknown plan keys {unknown}; use {', '.join(_KEYS)}")
+        if "widths" not in d or "mlp_ratios" not in d:
+            raise PranceError("a plan file needs at least 'widths' and 'mlp_ratios'")
+        keep = d.get("keep", 1.0)
+        merge = d.get("merge_keep", 1.0)
+        # Accept either the stages-after-the-first form or the full per-stage form.
+        keep = keep[1:] if isinstance(keep, list) and len(keep) == config.num_stages else keep
+        merge = merge[1:] if isinstance(merge, list) and len(merge) == config.num_stages else merge
+        return cls.uniform(config, d["widths"], d["mlp_ratios"], d.get("heads"), keep, merge)
+
+    def to_dict(self, i: int = 0) -> dict[str, list]:
+        """Sample ``i``'s plan as plain lists (YAML/JSON friendly)."""
+        return {k: getattr(self, k)[i].tolist() for k in _KEYS}
+
+    # ----------------------------------------------------------------- batch handling
+    @property
+    def batch_size(self) -> int:
+        return self.widths.shape[0]
+
+    def expand(self, batch: int) -> "Plan":
+        """Broadcast a one-row plan to ``batch`` rows (a plan of that size is returned as is)."""
+        if self.batch_size == batch:
+            return self
+        if self.batch_size != 1:
+            raise PranceError(f"plan has {self.batch_size} rows but the batch has {batch} images; give one per image")
+        return Plan(*(getattr(self, k).expand(batch, -1) for k in _KEYS))
+
+    def select(self, index: torch.Tensor | Sequence[int] | int) -> "Plan":
+        """Rows ``index`` of the plan (a one-row plan broadcasts)."""
+        if isinstance(index, int):
+            index = [index]
+        index = torch.as_tensor(index, dtype=torch.long)
+        if self.batch_size == 1:
+            return Plan(*(getattr(self, k).expand(len(index), -1) for k in _KEYS))
+        return Plan(*(getattr(self, k)[index] for k in _KEYS))
+
+    def rows(self) -> Iterator["Plan"]:
+        for i in range(self.batch_size):
+            yield self.select(i)
+
+    def key(self, i: int) -> tuple:
+        """A hashable identity of sample ``i``'s plan (equal keys ⇒ identical execution)."""
+        return tuple(tuple(getattr(self, k)[i].tolist()) for k in _KEYS)
+
+    def groups(self) -> list[torch.Tensor]:
+        """Indices of samples that share an identical plan, in first-seen order."""
+        buckets: dict[tuple, list[int]] = {}
+        for i in range(self.batch_size):
+            buckets.setdefault(self.key(i), []).append(i)
+        return [torch.tensor(v, dtype=torch.long) for v in buckets.values()]
+
+    # ----------------------------------------------------------------- derived sizes
+    def block_widths(self, config: ViTConfig) -> torch.Tensor:
+        """``[B, depth]`` residual width each block runs at."""
+        return self.widths.repeat_interleave(config.stage_depth, dim=1)
+
+    def mlp_hidden(self, config: ViTConfig) -> torch.Tensor:
+        """``[B, depth]`` MLP hidden width each block runs at (``round(ratio · width)``)."""
+        hidden = torch.round(self.mlp_ratios * self.block_widths(config).to(torch.float64))
+        return hidden.clamp_min(1).to(torch.int64)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self, config: ViTConfig, space: SearchSpace) -> "Plan":
+        """Raise :class:`PranceError` unless every row is executable by this meta-network."""
+        s, d, k = config.num_stages, config.depth, config.stage_depth
+        shapes = {"widths": s, "mlp_ratios": d, "heads": d, "keep": s, "merge_keep": s}
+        for name, n in shapes.items():
+            t = getattr(self, name)
+            if t.dim() != 2 or t.shape[1] != n or t.shape[0] != self.batch_size:
+                raise PranceError(f"plan field {name} has shape {tuple(t.shape)}, expected [B, {n}]")
+        _check_in(self.widths[:, 1:], space.widths, "width", "search-space widths")
+        if (self.widths[:, 0] != config.embed_dim).any():
+            raise PranceError(f"stage 0 always runs at full width {config.embed_dim}; fix the plan")
+        _check_in(self.mlp_ratios[:, k:], space.mlp_ratios, "MLP ratio", "search-space MLP ratios")
+        if (self.mlp_ratios[:, :k] != config.mlp_ratio).any():
+            raise PranceError(f"stage 0 always runs at MLP ratio {config.mlp_ratio}; fix the plan")
+        allowed_heads = space.heads if space.elastic_heads else (config.num_heads,)
+        _check_in(self.heads[:, k:], allowed_heads, "head count",
+                  "search-space heads (enable elastic_heads to vary them)")
+        if (self.heads[:, :k] != config.num_heads).any():
+            raise PranceError(f"stage 0 always runs all {config.num_heads} heads; fix the plan")
+        for name in ("keep", "merge_keep"):
+            t = getattr(self, name)
+            if not torch.isfinite(t).all() or (t <= 0).any() or (t > 1).any():
+                raise PranceError(f"{name} ratios must be in (0, 1], got {t.flatten().tolist()[:8]}")
+            if (t[:, 0] != 1).any():
+                raise PranceError(f"stage 0 keeps every token: {name}[0] must be 1")
+        if space.token_mode == "prune" and (self.merge_keep != 1).any():
+            raise PranceError("token mode 'prune' takes no merge_keep ratios; use token_mode 'prune_merge'")
+        if space.token_mode == "merge" and (self.keep != 1).any():
+            raise PranceError("token mode 'merge' takes merge_keep, not keep; use token_mode 'prune_merge'")
+        return self
+
+
+def kept_count(num_patches: torch.Tensor | int, ratio: torch.Tensor | float) -> torch.Tensor:
+    """Patch tokens that survive keeping ``ratio`` of ``num_patches``: round, at least 1.
+
+    The single rule for token counts, shared by physical, masked and MACs code paths.
+    """
+    n = torch.as_tensor(num_patches, dtype=torch.float64)
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    count = torch.floor(n * r + 0.5)
+    return torch.minimum(count.clamp_min(1), n).to(torch.int64)
+
+
+def snap_keep(ratio: torch.Tensor, grid: float) -> torch.Tensor:
+    """Snap keep ratios to multiples of ``grid`` (never below one grid step, never above 1)."""
+    return (torch.round(ratio / grid) * grid).clamp(grid, 1.0)
+
+
+def _per(value: Any, n: int, what: str, unit: str) -> list:
+    if isinstance(value, (int, float)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise PranceError(f"plan needs {n} {what} (one per {unit}), got {len(value)}")
+    return value
+
+
+def _min_heads(config: ViTConfig, space: SearchSpace) -> int:
+    return space.heads[0] if space.elastic_heads else config.num_heads
+
+
+def _check_in(t: torch.Tensor, allowed: Sequence[Any], what: str, where: str) -> None:
+    ok = torch.isin(t, torch.tensor(list(allowed), dtype=t.dtype))
+    if not ok.all():
+        bad = sorted(set(t[~ok].tolist()))
+        raise PranceError(f"{what} {bad} is outside the search space; use one of the {where} {list(allowed)}")

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny model shapes that run in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prance.config import SearchSpace, ViTConfig
+
+
+def tiny_config(**overrides) -> ViTConfig:
+    """4 stages of 1 block, 16 patches: every code path at toy cost."""
+    base = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=4, num_heads=4,
+                mlp_ratio=4.0, stage_depth=1)
+    return ViTConfig(**{**base, **overrides})
+
+
+def tiny_space(config: ViTConfig, **overrides) -> SearchSpace:
+    base = dict(widths=(16, 24, 32), mlp_ratios=(2.0, 3.5, 4.0), heads=(2, 3, 4), elastic_heads=True,
+                token_mode="prune_merge")
+    return SearchSpace(**{**base, **overrides})
+
+
+@pytest.fixture
+def tiny():
+    """A random-weight tiny MetaViT with elastic heads and prune-then-merge, in eval mode."""
+    from prance.model import MetaViT
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    return MetaViT(cfg, tiny_space(cfg)).eval()
