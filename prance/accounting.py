@@ -26,7 +26,7 @@ class CostedReducer(Protocol):
 
     def tokens_after(self, block: int, n_tokens: int) -> int: ...
 
-    def extra_macs(self, block: int, n_tokens: int, width: int) -> int: ...
+    def extra_macs(self, block: int, n_tokens: int, width: int, head_dim: int) -> int: ...
 
 
 def mac_breakdown(
@@ -63,7 +63,7 @@ def mac_breakdown(
             n_before = n
             n = torch.tensor([reducer.tokens_after(i, int(t)) for t in n_before], dtype=torch.int64)
             parts["token_merge"] += torch.tensor(
-                [reducer.extra_macs(i, int(t), int(wi)) for t, wi in zip(n_before, w)], dtype=torch.int64
+                [reducer.extra_macs(i, int(t), int(wi), hd) for t, wi in zip(n_before, w)], dtype=torch.int64
             )
         parts["norm"] += n * w
         parts["fc1"] += n * w * m
