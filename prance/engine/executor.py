@@ -49,13 +49,24 @@ class _Group:
     def offsets(self) -> torch.Tensor:
         return F.pad(self.counts.cumsum(0), (1, 0))
 
-    def rows_of(self, positions: list[int]) -> torch.Tensor:
-        """Packed row indices of the images at ``positions`` (in packed order)."""
+    def _row_image(self) -> torch.Tensor:
         if self.row_image is None:
             self.row_image = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
+        return self.row_image
+
+    def rows_of(self, positions: list[int]) -> torch.Tensor:
+        """Packed row indices of the images at ``positions`` (in packed order)."""
         chosen = torch.zeros(len(self.counts), dtype=torch.bool)
         chosen[positions] = True
-        return chosen[self.row_image].nonzero().squeeze(1)
+        return chosen[self._row_image()].nonzero().squeeze(1)
+
+    def partition(self, values: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """``(value, rows)`` for each distinct per-image value, with one sort for all of them."""
+        distinct, inverse = torch.tensor(values).unique(return_inverse=True)
+        row_key = inverse[self._row_image()]
+        order = row_key.sort(stable=True).indices
+        sizes = torch.bincount(row_key, minlength=len(distinct)).tolist()
+        return list(zip(distinct.tolist(), order.split(sizes)))
 
     def with_x(self, x: torch.Tensor) -> "_Group":
         return replace(self, x=x)
@@ -67,6 +78,15 @@ def _rows(offsets: torch.Tensor, counts: torch.Tensor, order: torch.Tensor) -> t
     starts = offsets[:-1][order]
     within = torch.arange(int(c.sum())) - torch.repeat_interleave(F.pad(c.cumsum(0), (1, 0))[:-1], c)
     return torch.repeat_interleave(starts, c) + within
+
+
+def _all_rows_equal(plan: Plan) -> bool:
+    return all(bool((t == t[:1]).all()) for t in (plan.widths, plan.mlp_ratios, plan.heads, plan.keep, plan.merge_keep))
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
+    return t if rows is None else t.index_select(0, rows)
 
 
 def _runs(values: list[int]) -> list[tuple[int, int, int]]:
@@ -105,7 +125,11 @@ class DynamicExecutor:
         model, cfg = self.model, self.model.config
         model.check_input(x)
         b = x.shape[0]
-        plan = (Plan.full(cfg) if plan is None else plan).validate(cfg, model.space).expand(b)
+        plan = (Plan.full(cfg) if plan is None else plan).validate(cfg, model.space)
+        if plan.batch_size == 1 or _all_rows_equal(plan):
+            # One plan for the whole batch (always so at batch 1): plain sliced execution.
+            return model._forward_physical(x, plan.select(0), None, None)
+        plan = plan.expand(b)
         widths = plan.widths.tolist()
         heads = plan.heads.tolist()
         hidden = plan.mlp_hidden(cfg).tolist()
@@ -157,7 +181,7 @@ class DynamicExecutor:
                     xs, size = g.x, g.size
                 else:
                     rows = _rows(g.offsets(), g.counts, pos)
-                    xs, size = g.x[rows], g.size[rows]
+                    xs, size = _take(g.x, rows), _take(g.size, rows)
                 if w != g.width:
                     xs = stage_map(xs, w)
                 pieces.setdefault(w, []).append((g.images[pos], g.counts[pos], xs, size))
@@ -170,7 +194,7 @@ class DynamicExecutor:
             xs, size = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
             order = counts.sort(stable=True).indices
             rows = _rows(F.pad(counts.cumsum(0), (1, 0)), counts, order)
-            out.append(_Group(images[order], counts[order], xs[rows], size[rows]))
+            out.append(_Group(images[order], counts[order], _take(xs, rows), _take(size, rows)))
         return out
 
     # ------------------------------------------------------------------ attention
@@ -182,27 +206,25 @@ class DynamicExecutor:
         h = blk.norm1(g.x)
         counts = g.counts.tolist()
         bias = g.size.log() if sized else None
-        out = torch.empty_like(g.x)
+        x = g.x
         importance = g.x.new_zeros(len(counts), max(counts) - 1) if need_importance else None
         for hv, pos in _by_value(heads):
             whole = len(pos) == len(counts)
             rows = None if whole else g.rows_of(pos)
             weight, b = attn._qkv_params(g.width, hv)
-            qkv = F.linear(h if whole else h[rows], weight, b)
+            qkv = F.linear(_take(h, rows), weight, b)
             sub_counts = [counts[p] for p in pos]
-            sub_bias = None if bias is None else (bias if whole else bias[rows])
+            sub_bias = None if bias is None else _take(bias, rows)
             if self.attention == "grouped":
                 o, imp = self._attend_runs(attn, qkv, sub_counts, hv, sub_bias, need_importance)
             else:
                 o, imp = self._attend_padded(attn, qkv, sub_counts, hv, sub_bias, need_importance)
             proj = F.linear(o, attn.proj.weight[: g.width, : hv * attn.head_dim], attn.proj.bias[: g.width])
-            if whole:
-                out = proj
-            else:
-                out[rows] = proj
+            # In place is safe: h already holds what attention needed from x.
+            x = x + proj if whole else x.index_add_(0, rows, proj)
             if importance is not None:
                 importance[pos, : imp.shape[1]] = imp
-        return g.with_x(g.x + out), importance
+        return g.with_x(x), importance
 
     def _attend_runs(self, attn: Attention, qkv: torch.Tensor, counts: list[int], hv: int,
                      bias: torch.Tensor | None, need_importance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -256,8 +278,8 @@ class DynamicExecutor:
         key = [tuple(k) for k in torch.stack([g.counts, keep_k, merge_k], 1).tolist()]
         images, counts, xs, sizes = [], [], [], []
         for (n, kk, mk), pos in _by_value(key):
-            rows = slice(None) if len(pos) == len(key) else g.rows_of(pos)
-            state = TokenState(g.x[rows].view(len(pos), n, -1), g.size[rows].view(len(pos), n))
+            rows = None if len(pos) == len(key) else g.rows_of(pos)
+            state = TokenState(_take(g.x, rows).view(len(pos), n, -1), _take(g.size, rows).view(len(pos), n))
             if mk < n - 1:
                 state = token_ops.reduce(state, importance[pos, : n - 1], kk, mk)
             images.append(g.images[pos])
@@ -269,19 +291,16 @@ class DynamicExecutor:
         order = counts_t.sort(stable=True).indices
         if bool((order != torch.arange(len(order))).any()):
             rows = _rows(F.pad(counts_t.cumsum(0), (1, 0)), counts_t, order)
-            x, size = x[rows], size[rows]
+            x, size = _take(x, rows), _take(size, rows)
         return _Group(images_t[order], counts_t[order], x, size)
 
     # ------------------------------------------------------------------ MLP
     def _mlp(self, blk: Block, g: _Group, hidden: list[int]) -> _Group:
         h = blk.norm2(g.x)
-        by_hidden = _by_value(hidden)
-        if len(by_hidden) == 1:
-            out = blk.mlp(h, by_hidden[0][0])
-        else:
-            out = torch.empty_like(g.x)
-            for m, pos in by_hidden:
-                rows = g.rows_of(pos)
-                out[rows] = blk.mlp(h[rows], m)
-        return g.with_x(g.x + out)
+        if len(set(hidden)) == 1:
+            return g.with_x(g.x + blk.mlp(h, hidden[0]))
+        x = g.x
+        for m, rows in g.partition(hidden):
+            x = x.index_add_(0, rows, blk.mlp(h.index_select(0, rows), m))
+        return g.with_x(x)
 
