@@ -1,0 +1,397 @@
+"""Command line: ``prance <command> [options]`` (also ``python -m prance``).
+
+Commands:
+    train-dense   train the full-size ViT (the teacher and starting point of the meta-network)
+    evaluate      accuracy, MACs, parameters and tokens of a checkpoint under static plans
+    train-meta    train the weight-sharing meta-network (sandwich rule; torchrun for several processes)
+    sweep         accuracy vs MACs of static subnets, and the best one for a MACs budget
+    bench         wall-clock speed of PRANCE and its baselines at matched MACs (timm-style benchmark)
+
+Every problem the user can fix is reported as one line, ``prance: error: <problem; fix>``,
+with exit code 2 and no traceback (``--debug`` shows it). Anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from prance.errors import PranceError
+
+DATASETS = ("fashion-mnist", "folder")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are PranceErrors, so they print as one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise PranceError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prance.model.presets import DEFAULT_PRESET
+
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks for errors")
+    parser = _Parser(prog="prance", description="PRANCE: per-image adaptive channel widths and token counts "
+                     "for Vision Transformers.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # --- train-dense: every option defaults to None, so --resume can tell given from omitted
+    t = sub.add_parser("train-dense", parents=[debug], help="train the dense (full-size) ViT",
+                       description="Train the dense ViT; writes last.pt, best.pt and log.jsonl into --out.")
+    t.add_argument("--preset", default=None, help=f"model shape (default {DEFAULT_PRESET}); see prance.model.PRESETS")
+    t.add_argument("--data", default=None, help="fashion-mnist (default) or folder")
+    t.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    t.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 10)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default 128)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 1)")
+    t.add_argument("--limit", type=int, default=None, help="train on a random subset of this many images")
+    t.add_argument("--val-limit", type=int, default=None, help="validate on a random subset of this many images")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument("--out", required=True, help="run folder (created if missing)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    t.add_argument("--init", default=None, metavar="[timm:]PATH",
+                   help="start from a local timm/DeiT .pth (its shape replaces the preset's)")
+    t.add_argument("--img-size", type=int, default=None, help="override the preset's image size")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    t.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default 0)")
+    t.set_defaults(func=_cmd_train_dense)
+
+    # --- evaluate
+    e = sub.add_parser("evaluate", parents=[debug], help="evaluate a checkpoint under static plans",
+                       description="Top-1, GMACs, parameters and tokens of a checkpoint on the held-out split.")
+    e.add_argument("--checkpoint", required=True, help="a prance checkpoint (e.g. RUN/best.pt)")
+    e.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
+    e.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    e.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many images")
+    e.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    e.add_argument("--plan", default="max",
+                   help="max (full size, default), min (smallest subnet), random:K (K random subnets, one row "
+                        "each) or a YAML plan file")
+    e.add_argument("--seed", type=int, default=0, help="seed of the data subset and of random:K (default 0)")
+    e.add_argument("--out", default=None, help="write the JSON result here")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    e.set_defaults(func=_cmd_evaluate)
+    _add_meta_commands(sub, debug)
+    _add_bench_command(sub, debug)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prance`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "func", None) is None:
+            raise PranceError("give a command: train-dense or evaluate (see `prance --help`)")
+        args.func(args)
+        return 0
+    except PranceError as e:
+        if debug:
+            raise
+        return _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _fail("interrupted; continue a training run with --resume (finished epochs are kept)", 2)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print the one-line error the user sees and return the exit code."""
+    lines = message.strip().splitlines()
+    print(f"prance: error: {lines[0] if lines else 'unknown error'}", file=sys.stderr)
+    return code
+
+
+# ----------------------------------------------------------------------------- checks
+def check_positive(value: int | float | None, flag: str) -> None:
+    if value is not None and not value > 0:
+        raise PranceError(f"{flag} must be positive, got {value}")
+
+
+def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create ``directory`` if needed and prove it is writable by creating a temporary file in it."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise PranceError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".prance-write-test-"):
+            pass
+    except OSError as e:
+        raise PranceError(f"cannot write to folder {path} ({e.strerror or e}); choose a writable {flag}") from None
+    return path
+
+
+def _set_threads(threads: int | None) -> None:
+    check_positive(threads, "--threads")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- train-dense
+_TRAIN_FLAGS = {  # argparse dest -> DenseTrainConfig field
+    "preset": "preset", "data": "data", "data_dir": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit", "seed": "seed",
+    "init": "init", "img_size": "img_size", "workers": "num_workers",
+}
+
+
+def _cmd_train_dense(args: argparse.Namespace) -> None:
+    from prance.model.presets import PRESETS
+    from prance.training.dense import DenseTrainConfig, resume_config, train_dense
+
+    given = {field: getattr(args, dest) for dest, field in _TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    for flag, field in (("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
+                        ("--limit", "limit"), ("--val-limit", "val_limit"), ("--img-size", "img_size")):
+        check_positive(given.get(field), flag)
+    if given.get("warmup_epochs", 0) < 0:
+        raise PranceError(f"--warmup-epochs must be >= 0, got {given['warmup_epochs']}")
+    if given.get("num_workers", 0) < 0:
+        raise PranceError(f"--workers must be >= 0, got {given['num_workers']}")
+    if "preset" in given and given["preset"] not in PRESETS:
+        raise PranceError(f"unknown preset {given['preset']!r}; choose one of {', '.join(PRESETS)}")
+    if "data" in given and given["data"] not in DATASETS:
+        raise PranceError(f"unknown dataset {given['data']!r}; use one of {', '.join(DATASETS)}")
+    if "init" in given and not Path(given["init"].removeprefix("timm:")).is_file():
+        raise PranceError(f"--init {given['init']}: file not found; give a local timm/DeiT .pth")
+    _set_threads(args.threads)
+    # A resumed run's settings come from its last.pt; flags given now must agree with them.
+    cfg = resume_config(args.out, **given) if args.resume else DenseTrainConfig(**given)
+    out = check_writable_dir(args.out)
+    summary = train_dense(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    print(f"dense training in {summary['out']}: {summary['epochs']} epochs, best val top-1 "
+          f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}); checkpoints {summary['best']}, "
+          f"{summary['last']}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.limit, "--limit")
+    if args.data not in DATASETS:
+        raise PranceError(f"unknown dataset {args.data!r}; use one of {', '.join(DATASETS)}")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise PranceError(f"--out {out} is a folder; give a file name such as {out / 'eval.json'}")
+        check_writable_dir(out.parent if str(out.parent) else ".", "--out folder")
+    _set_threads(args.threads)
+
+    from torch.utils.data import DataLoader
+
+    from prance.data import build_dataset
+    from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    cfg = model.config
+    plans = plans_from_spec(args.plan, cfg, model.space, seed=args.seed)
+    dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
+                            root=args.data_dir, limit=args.limit, seed=args.seed)
+    if dataset.info.num_classes != cfg.num_classes:
+        raise PranceError(f"the checkpoint has {cfg.num_classes} classes but {args.data} has "
+                          f"{dataset.info.num_classes}; evaluate on the data set it was trained on")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+
+    rows: list[dict[str, Any]] = []
+    for name, plan in plans:
+        row = {"plan_name": name, "plan": plan.to_dict(), **evaluate(model, loader, plan, progress=None)}
+        rows.append(row)
+        print(f"{name:>12}  top-1 {row['top1']:6.2f}%  {row['gmacs']:.4f} GMACs  {row['params_m']:.3f} M params  "
+              f"{row['tokens']:.1f} tokens  ({row['images']} images)")
+    result = {"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "data": args.data,
+              "split": dataset.info.split, "config": cfg.to_dict(), "rows": rows}
+    if args.out is not None:
+        write_json(result, args.out)
+        print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------- train-meta and sweep
+def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """``train-meta`` (weight-sharing training) and ``sweep`` (best static subnet for a MACs budget)."""
+    m = sub.add_parser("train-meta", parents=[debug], help="train the weight-sharing meta-network (sandwich rule)",
+                       description="Train the meta-network from a dense model with the sandwich rule (largest, "
+                       "smallest and K random subnets per step, in-place distillation); writes last.pt, best.pt "
+                       "(kind meta) and log.jsonl into --out. Under `torchrun --nproc_per_node N` it uses "
+                       "DistributedDataParallel.")
+    m.add_argument("--init", default=None, metavar="[timm:]PATH",
+                   help="dense starting point: a prance checkpoint (e.g. RUN/best.pt) or a local timm/DeiT .pth")
+    m.add_argument("--preset", default=None, help="without --init: start from a random preset (smoke tests only)")
+    m.add_argument("--teacher", default=None, metavar="PATH|init",
+                   help="frozen dense teacher for distillation (a checkpoint or timm .pth; 'init' = the --init weights)")
+    m.add_argument("--distill-from", choices=("largest", "teacher"), default="largest",
+                   help="soft targets of the smaller subnets: the largest subnet (in-place, default) or the teacher")
+    m.add_argument("--num-random", type=int, default=2, help="random subnets per step besides largest and smallest "
+                   "(default 2)")
+    m.add_argument("--token-keep", default=None, metavar="LO,HI",
+                   help="random subnets also draw per-image token keep ratios in [LO, HI] (masked mode)")
+    m.add_argument("--widths", default=None, help="search-space widths, e.g. 48,60,72,84,96 (default: the model's)")
+    m.add_argument("--mlp-ratios", default=None, help="search-space MLP ratios, e.g. 2,3,4 (default: the model's)")
+    m.add_argument("--elastic-heads", action="store_true", help="also sample the number of attention heads")
+    m.add_argument("--epochs", type=int, default=2, help="passes over the training data (default 2)")
+    m.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    m.add_argument("--batch-size", type=int, default=128, help="images per step and process (default 128)")
+    m.add_argument("--lr", type=float, default=2.5e-4, help="peak AdamW learning rate (default 2.5e-4)")
+    m.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default 100)")
+    m.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    m.add_argument("--teacher-weight", type=float, default=0.5,
+                   help="with --teacher: weight of distillation in the largest subnet's loss (default 0.5)")
+    m.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
+    m.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    m.add_argument("--limit", type=int, default=None, help="use a random subset of this many training images")
+    m.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of the training images kept out of training, for validation and `sweep` (default "
+                        "0.1; 0: none)")
+    m.add_argument("--val-limit", type=int, default=None, help="validate on at most this many held-out images")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    m.add_argument("--out", required=True, help="run folder (created if missing)")
+    m.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    m.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    m.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps (default: epochs)")
+    m.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    m.set_defaults(func=_cmd_train_meta)
+
+    s = sub.add_parser("sweep", parents=[debug], help="accuracy vs MACs of static subnets; best one for a budget",
+                       description="Evaluate >= 10 static subnets of a meta-network, write sweep.json/.csv/.png, and "
+                       "choose the best one within --budget-gmacs on held-out TRAINING images (never the test "
+                       "set); its plan is written to best_plan.yaml (usable with `evaluate --plan`).")
+    s.add_argument("--checkpoint", required=True, help="a meta (or dense) checkpoint, e.g. RUN/last.pt")
+    s.add_argument("--budget-gmacs", type=float, default=None, help="MACs budget per image, in GMACs")
+    s.add_argument("--count", type=int, default=12, help="static subnets to evaluate (default 12)")
+    s.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH",
+                   help="also evaluate the same subnets with another checkpoint's weights on the test split "
+                        "(e.g. dense=runs/dense/best.pt); repeatable")
+    s.add_argument("--data", default=None, help="default: the data the meta-network was trained on")
+    s.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root")
+    s.add_argument("--holdout", type=float, default=None,
+                   help="holdout fraction of the training data (default: the meta run's, else 0.1)")
+    s.add_argument("--limit", type=int, default=None, help="training subset size (default: the meta run's)")
+    s.add_argument("--holdout-limit", type=int, default=None, help="use at most this many held-out images")
+    s.add_argument("--test-limit", type=int, default=None, help="test on a random subset of this many images")
+    s.add_argument("--no-test", action="store_true", help="skip the test split (choice only)")
+    s.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random subnets (default 0)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    s.set_defaults(func=_cmd_sweep)
+
+
+def _float_list(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise PranceError(f"{flag} {text!r}: give comma-separated numbers, e.g. 2,3,4") from None
+
+
+def _cmd_train_meta(args: argparse.Namespace) -> None:
+    from prance.training.meta import MetaRunConfig, MetaTrainConfig, parse_token_keep, run_train_meta
+
+    for flag in ("epochs", "batch_size", "lr", "limit", "val_limit", "max_steps", "log_every"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if not 0 <= args.holdout < 1:
+        raise PranceError(f"--holdout {args.holdout} must be in [0, 1), e.g. 0.1")
+    if args.init is not None and not Path(args.init.removeprefix("timm:")).is_file():
+        raise PranceError(f"--init {args.init}: file not found; give a dense checkpoint or a local timm/DeiT .pth")
+    space: dict[str, Any] = {}
+    widths = _float_list(args.widths, "--widths")
+    if widths is not None:
+        space["widths"] = [int(w) for w in widths]
+    if args.mlp_ratios is not None:
+        space["mlp_ratios"] = _float_list(args.mlp_ratios, "--mlp-ratios")
+    if args.elastic_heads:
+        space["elastic_heads"] = True
+    _set_threads(args.threads)
+    out = check_writable_dir(args.out)
+    run = MetaRunConfig(init=args.init, preset=args.preset, teacher=args.teacher, space=space, data=args.data,
+                        data_dir=args.data_dir, limit=args.limit, holdout=args.holdout, val_limit=args.val_limit)
+    cfg = MetaTrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                          warmup_steps=args.warmup_steps, num_random=args.num_random, temperature=args.temperature,
+                          teacher_weight=args.teacher_weight, distill_from=args.distill_from,
+                          token_keep=parse_token_keep(args.token_keep), seed=args.seed, log_every=args.log_every,
+                          checkpoint_every=args.checkpoint_every)
+    summary = run_train_meta(run, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = (f"; held-out top-1 largest {summary['val_top1_largest']:.2f}%, smallest "
+               f"{summary['val_top1_smallest']:.2f}%" if "val_top1_largest" in summary else "")
+        print(f"meta training in {summary['out']}: {summary['step']}/{summary['total_steps']} steps{val}; "
+              f"checkpoints {summary['last']}, {summary['best']}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    check_positive(args.budget_gmacs, "--budget-gmacs")
+    check_positive(args.count, "--count")
+    for flag in ("holdout_limit", "test_limit", "batch_size", "limit"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    _set_threads(args.threads)
+    out = check_writable_dir(args.out)
+
+    from prance.evaluation.sweep import format_table, run_sweep, sweep_data
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt)
+    trained = dict(ckpt["args"].get("run", {})) if ckpt["kind"] == "meta" else {}
+    holdout = args.holdout if args.holdout is not None else trained.get("holdout") or 0.1
+    if ckpt["kind"] == "meta" and trained.get("holdout", 0) == 0:
+        print("warning: this meta-network was trained on all training images (--holdout 0); the subnet is chosen "
+              "on images it has seen", file=sys.stderr)
+    compare = {}
+    for item in args.compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label:
+            raise PranceError(f"--compare {item!r}: use LABEL=PATH, e.g. dense=runs/dense/best.pt")
+        compare[label] = model_from_checkpoint(load_checkpoint(path))
+    data = sweep_data(model.config, data=args.data or trained.get("data") or "fashion-mnist",
+                      data_dir=args.data_dir or trained.get("data_dir"), holdout=holdout,
+                      limit=args.limit if args.limit is not None else trained.get("limit"),
+                      holdout_limit=args.holdout_limit, test_limit=args.test_limit, with_test=not args.no_test)
+    result = run_sweep(model, data, out, budget_gmacs=args.budget_gmacs, count=args.count, seed=args.seed,
+                       batch_size=args.batch_size, compare=compare, progress=None,
+                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout})
+    print(format_table(result["rows"]))
+    best = result["best"]
+    if best is not None:
+        test = "" if best["test_top1"] is None else f", test top-1 {best['test_top1']:.2f}%"
+        print(f"best static subnet within {best['budget_gmacs']} GMACs: {best['name']} ({best['gmacs']:.4f} GMACs, "
+              f"held-out top-1 {best['holdout_top1']:.2f}%{test}); plan {best['plan_file']}")
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
+
+
+
+# ----------------------------------------------------------------------------- bench
+def _add_bench_command(sub: Any, debug: argparse.ArgumentParser) -> None:
+    from prance.evaluation.bench import add_arguments
+
+    b = sub.add_parser("bench", parents=[debug], help="wall-clock speed of PRANCE and its baselines at matched MACs",
+                       description="Time dense (timm and ours), EViT, ToMe, the static subnet and PRANCE's engine at "
+                       "one MACs target; prints a table and writes bench.json and bench.png into --out.")
+    add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from prance.evaluation.bench import run
+
+    run(args)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

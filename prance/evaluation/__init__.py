@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, MACs, parameters and tokens of a model under a plan."""

@@ -1,0 +1,168 @@
+"""Accuracy and per-sample cost of a model under a plan, over a whole data set.
+
+``evaluate`` runs a :class:`~prance.model.MetaViT` on every batch of a loader, with one
+static plan for all images or a callable that returns a plan per batch (one row per image,
+e.g. a selector's decisions), and reports top-1 together with the exact per-sample cost
+of what ran: MACs, activated parameters and surviving tokens (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from prance.accounting import macs_per_sample, params_per_sample, token_fractions
+from prance.config import SearchSpace, ViTConfig
+from prance.errors import PranceError
+from prance.model.metavit import MetaViT
+from prance.plan import Plan
+
+#: A static plan (one row, or one row per image of every batch), a function of the batch, or None (full size).
+PlanSource = Plan | Callable[[torch.Tensor], Plan] | None
+
+
+def evaluate(
+    model: MetaViT,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    plan: PlanSource = None,
+    mode: str = "physical",
+    *,
+    progress: bool | None = False,
+    desc: str = "evaluate",
+) -> dict[str, Any]:
+    """Top-1 and mean per-sample cost of ``model`` on ``loader`` under ``plan``.
+
+    Returns a JSON-ready dict:
+
+    * ``top1`` — accuracy in percent; ``images`` — how many were evaluated;
+    * ``macs`` / ``gmacs`` — mean MACs per image (GMACs = 1e9 MACs, what papers call GFLOPs);
+    * ``params`` / ``params_m`` — mean parameters an image activates (millions for ``_m``);
+    * ``tokens`` — mean number of patch tokens per stage (cls excluded), averaged over stages
+      and images; ``token_fractions`` — mean fraction of the patch tokens each stage runs with;
+    * ``mode``, ``seconds`` and ``images_per_second`` (wall clock of the whole loop).
+
+    The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    n = correct = 0
+    macs_sum = params_sum = 0
+    fraction_sum = torch.zeros(cfg.num_stages, dtype=torch.float64)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for images, labels in tqdm(loader, desc=desc, disable=_tqdm_disable(progress), leave=False):
+                b = images.shape[0]
+                batch_plan = plan(images) if callable(plan) else (Plan.full(cfg) if plan is None else plan)
+                logits = model(images, batch_plan, mode=mode)
+                correct += int((logits.argmax(dim=-1) == labels).sum())
+                n += b
+                rows = b if batch_plan.batch_size == 1 else 1  # a one-row plan stands for every image
+                macs_sum += int(macs_per_sample(model, batch_plan).sum()) * rows
+                params_sum += int(params_per_sample(model, batch_plan).sum()) * rows
+                fraction_sum += token_fractions(cfg, batch_plan).sum(dim=0) * rows
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if n == 0:
+        raise PranceError("the evaluation set is empty; check the data folder or raise --limit")
+    fractions = (fraction_sum / n).tolist()
+    return {
+        "top1": 100.0 * correct / n,
+        "images": n,
+        "macs": macs_sum / n,
+        "gmacs": macs_sum / n / 1e9,
+        "params": params_sum / n,
+        "params_m": params_sum / n / 1e6,
+        "tokens": sum(fractions) / len(fractions) * cfg.num_patches,
+        "token_fractions": fractions,
+        "mode": mode,
+        "seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else math.inf,
+    }
+
+
+def _tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None lets tqdm decide (off when not a terminal)."""
+    return None if progress is None else not progress
+
+
+# ----------------------------------------------------------------------------- plans by name
+def plans_from_spec(
+    spec: str, config: ViTConfig, space: SearchSpace, seed: int = 0
+) -> list[tuple[str, Plan]]:
+    """Static plans named on the command line, as ``(name, one-row Plan)`` pairs.
+
+    ``max`` — the full-size network; ``min`` — the smallest subnet of the search space;
+    ``random:K`` — K random subnets (widths, MLP ratios and, if elastic, heads; no token
+    reduction), drawn with ``seed``; any other value is a YAML file holding one plan
+    (a mapping, see :meth:`Plan.from_dict`) or a list of them; each may carry a ``name``.
+    """
+    if spec == "max":
+        return [("max", Plan.full(config))]
+    if spec == "min":
+        return [("min", Plan.smallest(config, space))]
+    if spec.startswith("random:"):
+        k = spec.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise PranceError(f"--plan {spec}: K must be a positive whole number, e.g. random:8")
+        g = torch.Generator().manual_seed(seed)
+        return [(f"random-{i}", Plan.random(config, space, 1, generator=g)) for i in range(int(k))]
+    return _plans_from_yaml(Path(spec), config, space)
+
+
+def _plans_from_yaml(path: Path, config: ViTConfig, space: SearchSpace) -> list[tuple[str, Plan]]:
+    import yaml
+
+    if not path.is_file():
+        raise PranceError(f"--plan {path}: not max, min, random:K or an existing YAML file; check the value")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PranceError(f"plan file {path} is not valid YAML ({type(e).__name__}); fix its syntax") from None
+    entries = data if isinstance(data, list) else [data]
+    plans = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise PranceError(f"plan file {path}: entry {i} is not a mapping with widths and mlp_ratios")
+        entry = dict(entry)
+        name = str(entry.pop("name", f"{path.stem}-{i}" if len(entries) > 1 else path.stem))
+        plans.append((name, Plan.from_dict(config, entry).validate(config, space)))
+    if not plans:
+        raise PranceError(f"plan file {path} holds no plan; add widths and mlp_ratios")
+    return plans
+
+
+# ----------------------------------------------------------------------------- output
+def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as indented JSON, atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+__all__ = ["PlanSource", "evaluate", "plans_from_spec", "write_json"]

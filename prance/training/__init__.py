@@ -1,0 +1,1 @@
+"""Training loops (dense ViT, later meta-network and selector) and their checkpoints."""

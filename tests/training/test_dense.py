@@ -1,0 +1,167 @@
+"""Dense training on a small real Fashion-MNIST slice with a toy model shape (seconds per run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prance import PranceError
+from prance.data.fashion_mnist import find_fashion_mnist_dir
+from prance.training import dense
+from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+from prance.training.dense import DenseTrainConfig, cosine_lr, resume_config, train_dense
+
+TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir() -> str:
+    directory = find_fashion_mnist_dir()
+    if not (directory / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
+    return str(directory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bit-exact comparisons need a fixed thread count; one thread is also fastest at these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(fmnist_dir: str, **changes) -> DenseTrainConfig:
+    base = dict(data_dir=fmnist_dir, model_overrides=TINY, limit=256, val_limit=128, batch_size=64, epochs=2,
+                lr=3e-3, warmup_epochs=0.5, log_every=2)
+    return DenseTrainConfig(**{**base, **changes})
+
+
+def _weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / name)["model"]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _log(run: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    lrs = [cosine_lr(s, total_steps=100, warmup_steps=10, base_lr=1.0, min_lr=0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from prance import create_model
+
+    model = create_model("fmnist-tiny", **TINY)
+    decay, no_decay = dense._param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token", "norm.weight", "head.bias"}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_loss_goes_down_on_real_images(fmnist_dir: str, tmp_path: Path):
+    run = tmp_path / "run"
+    summary = train_dense(_cfg(fmnist_dir, limit=512, val_limit=256, epochs=4), run, verbose=False)
+    epochs = _log(run, "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.2
+    assert summary["best_top1"] > 20.0  # chance is 10 %; a toy ViT learns slowly from 512 images
+    assert _log(run, "step") and {"loss", "lr", "img_per_s"} <= _log(run, "step")[0].keys()
+    for key in ("train_loss", "train_acc", "val_top1", "lr", "seconds", "img_per_s"):
+        assert key in epochs[-1]
+    best = load_checkpoint(run / "best.pt", kind="dense")
+    assert best["metrics"]["val_top1"] == summary["best_top1"]
+    assert model_from_checkpoint(best).config.embed_dim == 32
+
+
+def test_same_seed_same_weights_other_seed_other_weights(fmnist_dir: str, tmp_path: Path):
+    train_dense(_cfg(fmnist_dir), tmp_path / "a", verbose=False)
+    train_dense(_cfg(fmnist_dir), tmp_path / "b", verbose=False)
+    train_dense(_cfg(fmnist_dir, seed=1), tmp_path / "c", verbose=False)
+    _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert not torch.equal(_weights(tmp_path / "a")["head.weight"], _weights(tmp_path / "c")["head.weight"])
+
+
+def test_interrupted_then_resumed_run_ends_with_identical_weights(
+    fmnist_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    straight = tmp_path / "straight"
+    train_dense(_cfg(fmnist_dir), straight, verbose=False)
+
+    # Interrupt the second run during epoch 2 (after its training steps, before its checkpoint).
+    run = tmp_path / "interrupted"
+    real_evaluate, calls = dense.evaluate, []
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(dense, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_dense(_cfg(fmnist_dir), run, verbose=False)
+    monkeypatch.undo()
+    assert load_checkpoint(run / "last.pt")["train_state"]["epoch"] == 1  # the previous checkpoint is intact
+
+    summary = train_dense(resume_config(run), run, resume=True, verbose=False)
+    assert summary["epochs"] == 2 and summary["complete"]
+    _assert_same_weights(_weights(straight), _weights(run))
+    _assert_same_weights(_weights(straight, "best.pt"), _weights(run, "best.pt"))
+
+
+def test_stop_after_then_resume_equals_straight_run(fmnist_dir: str, tmp_path: Path):
+    train_dense(_cfg(fmnist_dir), tmp_path / "straight", verbose=False)
+    paused = train_dense(_cfg(fmnist_dir), tmp_path / "twice", stop_after=1, verbose=False)
+    assert paused["epochs"] == 1 and not paused["complete"]
+    train_dense(_cfg(fmnist_dir), tmp_path / "twice", resume=True, verbose=False)
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "twice"))
+    assert _log(tmp_path / "twice", "start")[-1]["resumed_at_epoch"] == 1
+
+
+def test_existing_run_is_not_overwritten_without_asking(fmnist_dir: str, tmp_path: Path):
+    run = tmp_path / "run"
+    train_dense(_cfg(fmnist_dir, epochs=1), run, verbose=False)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(PranceError, match="--resume .* --overwrite"):
+        train_dense(_cfg(fmnist_dir, epochs=1), run, verbose=False)
+    assert (run / "last.pt").read_bytes() == before
+    # Resuming a finished run changes nothing; overwriting starts over.
+    assert train_dense(_cfg(fmnist_dir, epochs=1), run, resume=True, verbose=False)["complete"]
+    assert (run / "last.pt").read_bytes() == before
+    train_dense(_cfg(fmnist_dir, epochs=1, seed=5), run, overwrite=True, verbose=False)
+    assert load_checkpoint(run / "last.pt")["args"]["seed"] == 5
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(fmnist_dir: str, tmp_path: Path):
+    with pytest.raises(PranceError, match="nothing to resume"):
+        train_dense(_cfg(fmnist_dir), tmp_path / "empty", resume=True, verbose=False)
+    run = tmp_path / "run"
+    train_dense(_cfg(fmnist_dir, epochs=1), run, verbose=False)
+    with pytest.raises(PranceError, match="lr=0.01"):
+        train_dense(_cfg(fmnist_dir, epochs=2, lr=0.01), run, resume=True, verbose=False)
+    with pytest.raises(PranceError, match="contradict"):
+        train_dense(_cfg(fmnist_dir), run, resume=True, overwrite=True, verbose=False)
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch size"), (dict(lr=0.0), "learning rate"),
+     (dict(limit=0), "limit")],
+)
+def test_bad_settings_are_refused_up_front(changes: dict, fragment: str):
+    with pytest.raises(PranceError, match=fragment):
+        DenseTrainConfig(**changes)
