@@ -114,11 +114,16 @@ def count_params(model: MetaViT | ViTConfig, plan: Plan | None = None) -> int:
     return int(round(params_per_sample(model, plan).double().mean().item()))
 
 
-def token_fractions(config: ViTConfig, plan: Plan) -> torch.Tensor:
-    """``[B, S]`` fraction of the original patch tokens that each stage's later blocks run with."""
-    n = torch.full((plan.batch_size,), config.num_patches, dtype=torch.int64)
-    fractions = [torch.ones(plan.batch_size, dtype=torch.float64)]
-    for s in range(1, config.num_stages):
-        n = kept_count(kept_count(n, plan.keep[:, s]), plan.merge_keep[:, s])
-        fractions.append(n.double() / config.num_patches)
+def token_fractions(config: ViTConfig, plan: Plan, reducer: CostedReducer | None = None) -> torch.Tensor:
+    """``[B, S]`` fraction of the original patch tokens each stage ends with (plan and/or reducer)."""
+    n = torch.full((plan.batch_size,), config.num_patches + 1, dtype=torch.int64)  # incl. cls
+    fractions = []
+    for i in range(config.depth):
+        stage, first = divmod(i, config.stage_depth)
+        if first == 0 and stage > 0:
+            n = kept_count(kept_count(n - 1, plan.keep[:, stage]), plan.merge_keep[:, stage]) + 1
+        if reducer is not None:
+            n = torch.tensor([reducer.tokens_after(i, int(t)) for t in n], dtype=torch.int64)
+        if first == config.stage_depth - 1:
+            fractions.append((n - 1).double() / config.num_patches)
     return torch.stack(fractions, dim=1)

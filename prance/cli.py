@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plan", default="max",
                    help="max (full size, default), min (smallest subnet), random:K (K random subnets, one row "
                         "each) or a YAML plan file")
+    e.add_argument("--baseline", action="append", default=[], metavar="SPEC",
+                   help="also evaluate a static token-reduction baseline on the full-size model: evit:KEEP, "
+                        "evit-fuse:KEEP or tome:R (repeatable)")
     e.add_argument("--seed", type=int, default=0, help="seed of the data subset and of random:K (default 0)")
     e.add_argument("--out", default=None, help="write the JSON result here")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -195,12 +198,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     from prance.data import build_dataset
     from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
+    from prance.plan import Plan
+    from prance.tokens.baselines import parse_reducer
     from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
     cfg = model.config
     plans = plans_from_spec(args.plan, cfg, model.space, seed=args.seed)
+    baselines = [parse_reducer(spec) for spec in args.baseline]
     dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
                             root=args.data_dir, limit=args.limit, seed=args.seed)
     if dataset.info.num_classes != cfg.num_classes:
@@ -209,8 +215,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
 
     rows: list[dict[str, Any]] = []
-    for name, plan in plans:
-        row = {"plan_name": name, "plan": plan.to_dict(), **evaluate(model, loader, plan, progress=None)}
+    runs = [(name, plan, None) for name, plan in plans] + [(spec, Plan.full(cfg), reducer)
+                                                           for spec, reducer in zip(args.baseline, baselines)]
+    for name, plan, reducer in runs:
+        row = {"plan_name": name, "plan": plan.to_dict(),
+               **evaluate(model, loader, plan, reducer=reducer, progress=None)}
         rows.append(row)
         print(f"{name:>12}  top-1 {row['top1']:6.2f}%  {row['gmacs']:.4f} GMACs  {row['params_m']:.3f} M params  "
               f"{row['tokens']:.1f} tokens  ({row['images']} images)")

@@ -77,3 +77,28 @@ def test_params_of_reduced_plan_count_sliced_tensors(tiny):
 def test_token_fractions(tiny):
     plan = Plan.uniform(tiny.config, [32] * 4, 4.0, keep=0.5)
     assert token_fractions(tiny.config, plan).tolist() == [[1.0, 0.5, 0.25, 0.125]]
+
+
+@pytest.mark.parametrize("spec", ["evit:0.5", "evit-fuse:0.6", "tome:3"])
+def test_formula_equals_flop_counter_for_static_baselines(spec):
+    """count_macs is exact for EViT and ToMe too (12 blocks, decisions at blocks 3, 6, 9)."""
+    from prance.tokens.baselines import parse_reducer
+
+    torch.manual_seed(0)
+    model = MetaViT(preset_config("fmnist-micro")).eval()
+    reducer = parse_reducer(spec)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 1, 28, 28), reducer=reducer)
+    parts = mac_breakdown(model, None, reducer)
+    assert int(sum(parts[k] for k in MATMUL_PARTS)) == counter.get_total_flops() // 2
+    assert count_macs(model, reducer=reducer) < count_macs(model)
+
+
+def test_token_fractions_follow_a_reducer():
+    from prance.tokens.baselines import EViTReducer
+
+    cfg = preset_config("fmnist-micro")
+    fractions = token_fractions(cfg, Plan.full(cfg), EViTReducer(0.5))
+    assert fractions.tolist() == [[1.0, 25 / 49, 13 / 49, 7 / 49]]  # round(12.5) = 13, round(6.5) = 7

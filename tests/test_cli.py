@@ -123,6 +123,17 @@ def test_evaluate_writes_json_rows(fmnist_dir: str, tiny_checkpoint: Path, tmp_p
     assert "top-1" in capsys.readouterr().out
 
 
+def test_evaluate_static_baselines(fmnist_dir: str, tiny_checkpoint: Path, tmp_path: Path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data-dir", fmnist_dir, "--limit", "32",
+                 "--baseline", "tome:4", "--baseline", "evit:0.5", "--out", str(out)]) == 0
+    full, tome, evit = json.loads(out.read_text())["rows"]
+    assert [r["plan_name"] for r in (full, tome, evit)] == ["max", "tome:4", "evit:0.5"]
+    assert tome["gmacs"] < full["gmacs"] and tome["tokens"] < full["tokens"]
+    assert evit["gmacs"] == full["gmacs"]  # a 3-block model has no EViT decision block (3, 6, 9)
+    _error_line(capsys, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--baseline", "tome:x"], "tome:R")
+
+
 def test_evaluate_plan_from_yaml(fmnist_dir: str, tiny_checkpoint: Path, tmp_path: Path, capsys):
     plan_file = tmp_path / "half.yaml"
     plan_file.write_text(yaml.safe_dump({"widths": [32, 16, 16], "mlp_ratios": [4.0, 2.0, 2.0], "keep": 0.5}))

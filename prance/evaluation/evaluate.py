@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from prance.accounting import macs_per_sample, params_per_sample, token_fractions
+from prance.accounting import CostedReducer, macs_per_sample, params_per_sample, token_fractions
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
 from prance.model.metavit import MetaViT
@@ -36,6 +36,7 @@ def evaluate(
     plan: PlanSource = None,
     mode: str = "physical",
     *,
+    reducer: CostedReducer | None = None,
     progress: bool | None = False,
     desc: str = "evaluate",
 ) -> dict[str, Any]:
@@ -49,6 +50,8 @@ def evaluate(
     * ``tokens`` — mean number of patch tokens per stage (cls excluded), averaged over stages
       and images; ``token_fractions`` — mean fraction of the patch tokens each stage runs with;
     * ``mode``, ``seconds`` and ``images_per_second`` (wall clock of the whole loop).
+
+    ``reducer`` adds a static token-reduction baseline (EViT / ToMe) on top of the plan.
 
     The model is put in eval mode and restored to its previous mode afterwards.
     """
@@ -64,13 +67,13 @@ def evaluate(
             for images, labels in tqdm(loader, desc=desc, disable=_tqdm_disable(progress), leave=False):
                 b = images.shape[0]
                 batch_plan = plan(images) if callable(plan) else (Plan.full(cfg) if plan is None else plan)
-                logits = model(images, batch_plan, mode=mode)
+                logits = model(images, batch_plan, mode=mode, reducer=reducer)
                 correct += int((logits.argmax(dim=-1) == labels).sum())
                 n += b
                 rows = b if batch_plan.batch_size == 1 else 1  # a one-row plan stands for every image
-                macs_sum += int(macs_per_sample(model, batch_plan).sum()) * rows
+                macs_sum += int(macs_per_sample(model, batch_plan, reducer).sum()) * rows
                 params_sum += int(params_per_sample(model, batch_plan).sum()) * rows
-                fraction_sum += token_fractions(cfg, batch_plan).sum(dim=0) * rows
+                fraction_sum += token_fractions(cfg, batch_plan, reducer).sum(dim=0) * rows
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start

@@ -150,3 +150,16 @@ class ToMeReducer:
             raise PranceError(f"ToMe needs the keys of block {block}")
         merge_fn = bipartite_soft_matching(keys.mean(1), self.r, protect_cls=True)
         return merge_state(merge_fn, state)
+
+
+def parse_reducer(spec: str) -> EViTReducer | ToMeReducer:
+    """A baseline from its command-line name: ``evit:KEEP``, ``evit-fuse:KEEP`` or ``tome:R``."""
+    kind, _, value = spec.partition(":")
+    try:
+        if kind in ("evit", "evit-fuse"):
+            return EViTReducer(float(value), fuse=kind == "evit-fuse")
+        if kind == "tome":
+            return ToMeReducer(int(value))
+    except ValueError:
+        pass
+    raise PranceError(f"unknown baseline {spec!r}; use evit:KEEP (e.g. evit:0.7), evit-fuse:KEEP or tome:R (e.g. tome:4)")
