@@ -87,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
     _add_meta_commands(sub, debug)
     _add_bench_command(sub, debug)
+
+    # --- visualize
+    v = sub.add_parser("visualize", parents=[debug], help="PNG of the patches kept, merged and pruned per stage",
+                       description="Run images through a checkpoint under a plan and draw, per stage, which "
+                       "patches survive (pruned: dimmed) and which were merged into one token (shared tint).")
+    v.add_argument("--checkpoint", required=True, help="a prance checkpoint (e.g. RUN/best.pt)")
+    v.add_argument("--plan", default="max", help="max, min or a YAML plan file (as for evaluate)")
+    v.add_argument("--keep", type=float, default=None, help="instead of --plan: full widths, prune to this keep ratio")
+    v.add_argument("--merge-keep", type=float, default=None,
+                   help="instead of --plan: full widths, merge down to this keep ratio (after --keep if given)")
+    v.add_argument("--num-images", type=int, default=8, help="images to draw (default 8)")
+    v.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
+    v.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    v.add_argument("--seed", type=int, default=0, help="which test images (default 0)")
+    v.add_argument("--out", default="tokens.png", help="PNG file to write (default tokens.png)")
+    v.set_defaults(func=_cmd_visualize)
     return parser
 
 
@@ -113,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, code: int) -> int:
     """Print the one-line error the user sees and return the exit code."""
     lines = message.strip().splitlines()
+    # A PranceError raised in a DataLoader worker comes back as "Caught PranceError in DataLoader worker
+    # process N." plus the worker's traceback, whose last line holds the original message.
+    original = [line for line in lines if line.startswith("prance.errors.PranceError: ")]
+    if original:
+        lines = [original[-1].removeprefix("prance.errors.PranceError: ")]
     print(f"prance: error: {lines[0] if lines else 'unknown error'}", file=sys.stderr)
     return code
 
@@ -228,6 +249,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_json(result, args.out)
         print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------- visualize
+def _cmd_visualize(args: argparse.Namespace) -> None:
+    check_positive(args.num_images, "--num-images")
+    out = Path(args.out)
+    check_writable_dir(out.parent if str(out.parent) else ".", "--out folder")
+    from dataclasses import replace
+
+    import torch
+
+    from prance.data import build_dataset
+    from prance.evaluation.evaluate import plans_from_spec
+    from prance.evaluation.visualize import visualize
+    from prance.plan import Plan
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+    cfg = model.config
+    if args.keep is not None or args.merge_keep is not None:
+        keep, merge_keep = args.keep or 1.0, args.merge_keep or 1.0
+        mode = "prune_merge" if keep < 1 and merge_keep < 1 else "merge" if merge_keep < 1 else "prune"
+        model.space = replace(model.space, token_mode=mode)
+        plan = Plan.uniform(cfg, [cfg.embed_dim] * cfg.num_stages, cfg.mlp_ratio, keep=keep, merge_keep=merge_keep)
+    else:
+        plan = plans_from_spec(args.plan, cfg, model.space)[0][1]
+    dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
+                            root=args.data_dir, limit=args.num_images, seed=args.seed)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    names = dataset.info.class_names
+    titles = [str(names[int(y)])[:14] for y in labels]
+    visualize(model, torch.stack(images), plan, out, dataset.info.mean, dataset.info.std, titles)
+    print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------- train-meta and sweep

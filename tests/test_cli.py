@@ -168,3 +168,14 @@ def test_train_dense_then_refuse_then_resume(fmnist_dir: str, tmp_path: Path, ca
     # Resuming with no flags at all takes the run's own settings; a finished run stays as it is.
     assert main(["train-dense", "--out", str(run), "--resume", "--threads", "1"]) == 0
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_visualize_writes_png(fmnist_dir: str, tmp_path: Path, capsys):
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "micro.pt", create_model("fmnist-micro"), "dense")
+    out = tmp_path / "vis" / "tokens.png"
+    out.parent.mkdir()
+    assert main(["visualize", "--checkpoint", str(ckpt), "--data-dir", fmnist_dir, "--keep", "0.7",
+                 "--merge-keep", "0.5", "--num-images", "2", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _error_line(capsys, ["visualize", "--checkpoint", str(ckpt), "--keep", "1.5", "--out", str(out)], "keep")
