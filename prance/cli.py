@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise PranceError("give a command: train-dense or evaluate (see `prance --help`)")
+            raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, bench or visualize "
+                              "(see `prance --help`)")
         args.func(args)
         return 0
     except PranceError as e:
