@@ -53,10 +53,13 @@ class Plan:
         ``keep`` and ``merge_keep`` are given for stages 1.. (a scalar repeats); stage 0 is 1.
         """
         s, d = config.num_stages, config.depth
+        if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__"):
+            raise PranceError(f"plan widths must be a list of {s} whole numbers (one per stage), got {widths!r}")
         if len(widths) != s:
             raise PranceError(f"plan needs {s} stage widths, got {len(widths)}; give one per stage")
+        _check_numbers(widths, "widths", whole=True)
         ratios = _per(mlp_ratios, d, "MLP ratios", "block")
-        head_list = _per(config.num_heads if heads is None else heads, d, "head counts", "block")
+        head_list = _per(config.num_heads if heads is None else heads, d, "head counts", "block", whole=True)
         keeps = [1.0] + _per(keep, s - 1, "keep ratios", "stage after the first")
         merges = [1.0] + _per(merge_keep, s - 1, "merge keep ratios", "stage after the first")
         return cls(
@@ -234,13 +237,28 @@ def snap_keep(ratio: torch.Tensor, grid: float) -> torch.Tensor:
     return (torch.round(ratio / grid) * grid).clamp(grid, 1.0)
 
 
-def _per(value: Any, n: int, what: str, unit: str) -> list:
-    if isinstance(value, (int, float)):
-        return [value] * n
+def _per(value: Any, n: int, what: str, unit: str, whole: bool = False) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * n
+    elif isinstance(value, (str, bytes, bool)) or value is None or not hasattr(value, "__iter__"):
+        raise PranceError(f"plan {what} must be a number or a list of {n} numbers (one per {unit}), got {value!r}")
     value = list(value)
     if len(value) != n:
         raise PranceError(f"plan needs {n} {what} (one per {unit}), got {len(value)}")
+    _check_numbers(value, what, whole)
     return value
+
+
+def _check_numbers(values: Sequence[Any], what: str, whole: bool) -> None:
+    """Plan files are user input: reject strings, nulls and (where counts are meant) fractions by name."""
+    for v in values:
+        try:
+            ok = not isinstance(v, (str, bytes, bool)) and (float(v).is_integer() or not whole)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            kind = "whole numbers" if whole else "numbers"
+            raise PranceError(f"plan {what} must be {kind}, got {v!r}; fix the plan")
 
 
 def _min_heads(config: ViTConfig, space: SearchSpace) -> int:

@@ -63,6 +63,7 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments:
         (["train-dense", "--data", "cifar", "--out", "{tmp}/r"], ["unknown dataset 'cifar'"]),
         (["train-dense", "--init", "{tmp}/deit.pth", "--out", "{tmp}/r"], ["deit.pth", "not found"]),
         (["train-dense"], ["--out"]),
+        (["train-dense", "--init", __file__, "--preset", "deit-tiny", "--out", "{tmp}/r"], ["drop --preset"]),
         (["evaluate", "--checkpoint", "{tmp}/missing.pt"], ["missing.pt", "does not exist"]),
         (["evaluate", "--checkpoint", "{tmp}/missing.pt", "--batch-size", "0"], ["--batch-size must be positive"]),
         (["fly"], ["invalid choice"]),
@@ -78,6 +79,11 @@ def test_unwritable_output_folder_is_named(capsys, tmp_path: Path):
     blocker.write_text("not a folder")
     _error_line(capsys, ["train-dense", "--out", str(blocker / "run")], "cannot write to folder", str(blocker / "run"))
     _error_line(capsys, ["train-dense", "--out", str(blocker)], str(blocker), "is a file")
+
+
+def test_resume_without_a_run_creates_nothing(capsys, tmp_path: Path):
+    _error_line(capsys, ["train-dense", "--out", str(tmp_path / "none"), "--resume"], "nothing to resume")
+    assert not (tmp_path / "none").exists()
 
 
 def test_foreign_checkpoint_points_to_init(capsys, tmp_path: Path):

@@ -67,7 +67,8 @@ def scan_split(root: Path, split: str) -> tuple[tuple[str, ...], list[Path], lis
     if split not in SPLITS:
         raise PranceError(f"unknown folder split {split!r}; use 'train' or 'val'")
     if not root.is_dir():
-        raise PranceError(f"dataset root {root} does not exist; {LAYOUT}")
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise PranceError(f"dataset root {root} {problem}; {LAYOUT}")
     split_dir = root / split
     if not split_dir.is_dir():
         raise PranceError(f"{split_dir} does not exist; {LAYOUT}")

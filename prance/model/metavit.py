@@ -110,6 +110,12 @@ class MetaViT(nn.Module):
                 f"expected images of shape [B, {c.in_chans}, {c.img_size}, {c.img_size}], got {list(x.shape)}; "
                 f"resize to {c.img_size}x{c.img_size} with {c.in_chans} channel(s) or build a model for this size"
             )
+        if not x.is_floating_point():
+            raise PranceError(f"images have dtype {x.dtype}, expected a float tensor; convert and normalise them "
+                              "(build_dataset does this)")
+        if not bool(torch.isfinite(x).all()):
+            raise PranceError(f"images contain {int((~torch.isfinite(x)).sum())} NaN/Inf pixel value(s); check the "
+                              "source images and the normalisation (std must be non-zero)")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + cls token + position embedding: ``[B, 1 + P, D]``."""

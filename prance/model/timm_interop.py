@@ -32,6 +32,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises many types for corrupt or truncated files
         raise PranceError(f"cannot read checkpoint {path} ({type(e).__name__}); the file is corrupt or not a "
                           "PyTorch checkpoint — re-download or re-save it") from None
+    if isinstance(obj, Mapping) and obj.get("format") == "prance-checkpoint":
+        raise PranceError(f"{path} is a prance checkpoint, not a timm/DeiT state dict; continue its run with "
+                          "`prance train-dense --resume --out RUN`, or start a meta-network from it with "
+                          f"`prance train-meta --init {path}`")
     return unwrap_state_dict(obj, str(path))
 
 

@@ -240,9 +240,11 @@ def model_from_checkpoint(ckpt: Mapping[str, Any]) -> MetaViT:
     try:
         config = ViTConfig.from_dict(dict(ckpt["config"]))
         space = SearchSpace.from_dict(dict(ckpt["space"]))
-    except (TypeError, ValueError, KeyError) as e:
-        raise PranceError(f"checkpoint config is invalid ({e}); the file is corrupt or from another version") from None
-    model = MetaViT(config, space)
+        model = MetaViT(config, space)
+    except (TypeError, ValueError, KeyError, PranceError) as e:
+        # e.g. a search space that does not fit the model: the fix its own message names is not the user's
+        raise PranceError(f"checkpoint config is invalid ({str(e).split(';')[0]}); the file is corrupt or from "
+                          "another version — use another copy") from None
     own, sd = model.state_dict(), ckpt["model"]
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,21 @@ def test_resume_refuses_changed_settings_and_missing_runs(fmnist_dir: str, tmp_p
 def test_bad_settings_are_refused_up_front(changes: dict, fragment: str):
     with pytest.raises(PranceError, match=fragment):
         DenseTrainConfig(**changes)
+
+
+def test_init_from_timm_file_keeps_backbone_and_starts_a_new_head(fmnist_dir: str, tmp_path: Path):
+    from prance import create_model, to_timm_state_dict
+
+    torch.manual_seed(3)
+    # A bare state dict does not tell the head count; 192 is DeiT-tiny's width (3 heads).
+    source = to_timm_state_dict(create_model("fmnist-tiny", embed_dim=192, num_heads=3, depth=3, num_classes=7))
+    torch.save(source, tmp_path / "vit.pth")
+    cfg = DenseTrainConfig(data_dir=fmnist_dir, init=f"timm:{tmp_path / 'vit.pth'}", limit=64, val_limit=32,
+                           batch_size=32, epochs=1, lr=1e-9, min_lr=0.0)
+    train_dense(cfg, tmp_path / "run", verbose=False)
+    trained = _weights(tmp_path / "run")
+    assert trained["head.weight"].shape == (10, 192)  # Fashion-MNIST has 10 classes, the file 7
+    torch.testing.assert_close(trained["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"],
+                               atol=1e-6, rtol=0)
+    with pytest.raises(PranceError, match="--img-size"):
+        train_dense(replace(cfg, img_size=32), tmp_path / "other", verbose=False)
