@@ -193,6 +193,8 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
         raise PranceError(f"unknown dataset {given['data']!r}; use one of {', '.join(DATASETS)}")
     if "init" in given and not Path(given["init"].removeprefix("timm:")).is_file():
         raise PranceError(f"--init {given['init']}: file not found; give a local timm/DeiT .pth")
+    if "init" in given and "preset" in given:
+        raise PranceError("--init sets the model's shape from the file; drop --preset")
     _set_threads(args.threads)
     # A resumed run's settings come from its last.pt; flags given now must agree with them.
     cfg = resume_config(args.out, **given) if args.resume else DenseTrainConfig(**given)
@@ -411,8 +413,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from prance.evaluation.sweep import format_table, run_sweep, sweep_data
     from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
+    from prance.accounting import count_macs
+
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
+    dense_gmacs = count_macs(model) / 1e9
+    if args.budget_gmacs is not None and args.budget_gmacs > dense_gmacs:
+        raise PranceError(f"--budget-gmacs {args.budget_gmacs} is above the full network's {dense_gmacs:.4f} "
+                          "GMACs; give a budget in GMACs (1e9 MACs) at most that large")
     trained = dict(ckpt["args"].get("run", {})) if ckpt["kind"] == "meta" else {}
     holdout = args.holdout if args.holdout is not None else trained.get("holdout") or 0.1
     if ckpt["kind"] == "meta" and trained.get("holdout", 0) == 0:

@@ -365,8 +365,6 @@ def test_budget_not_positive(capsys, tmp_path: Path, tiny_checkpoint: Path, budg
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
 
 
-@pytest.mark.xfail(reason="budget above the full network's MACs is accepted (the full subnet is chosen); a check "
-                   "belongs in prance/evaluation/sweep.py or _cmd_sweep, owned by the sweep work", strict=False)
 def test_budget_above_the_dense_network(capsys, tmp_path: Path, tiny_checkpoint: Path, fmnist_dir: str):
     """A budget far above the full network's 0.0024 GMACs is most likely MACs given as GMACs."""
     _error_line(capsys, ["sweep", "--checkpoint", tiny_checkpoint, "--budget-gmacs", "2400000", "--limit", "64",
