@@ -68,6 +68,8 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             ) from e
         raise
     _fsync_dir(directory)
+    for stale in directory.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     return path
 
 

@@ -170,3 +170,15 @@ def test_weights_that_do_not_match_the_config_are_reported(tmp_path: Path):
     ckpt = make_checkpoint(_model(), "dense")
     ckpt["config"]["colour"] = "blue"
     _one_line_error(lambda: model_from_checkpoint(ckpt), "colour")
+
+
+def test_leftover_temporary_files_are_removed_by_the_next_save(tmp_path: Path):
+    """A process killed mid-write leaves a hidden .tmp; the next successful save clears it."""
+    from prance.training.checkpoint import atomic_save
+
+    stale = tmp_path / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    other = tmp_path / ".best.pt.abc123.tmp"
+    other.write_bytes(b"partial")
+    atomic_save({"x": 1}, tmp_path / "last.pt")
+    assert not stale.exists() and other.exists()
