@@ -29,3 +29,23 @@ def tiny():
     torch.manual_seed(0)
     cfg = tiny_config()
     return MetaViT(cfg, tiny_space(cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> str:
+    """The real Fashion-MNIST IDX folder (tests use small slices of it)."""
+    from prance.data.fashion_mnist import find_fashion_mnist_dir
+
+    directory = find_fashion_mnist_dir()
+    if not all((directory / f"{s}-images-idx3-ubyte.gz").is_file() for s in ("train", "t10k")):
+        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
+    return str(directory)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons need a fixed thread count; one thread is also fastest at these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

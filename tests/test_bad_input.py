@@ -27,7 +27,7 @@ from PIL import Image
 
 from prance import PranceError, create_model, to_timm_state_dict
 from prance.cli import main
-from prance.data.fashion_mnist import ENV_VAR, find_fashion_mnist_dir
+from prance.data.fashion_mnist import ENV_VAR
 from prance.engine import DynamicExecutor
 from prance.training.checkpoint import FORMAT_VERSION, atomic_save, make_checkpoint, save_checkpoint
 
@@ -36,14 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
-
-
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """``--threads`` sets torch's global thread count; later tests get the old one back."""

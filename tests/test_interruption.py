@@ -21,19 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prance.data.fashion_mnist import find_fashion_mnist_dir
 from prance.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds per process; the machine may be busy
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
 
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:

@@ -15,19 +15,10 @@ import torch
 
 from prance import create_model
 from prance.cli import main
-from prance.data.fashion_mnist import find_fashion_mnist_dir
 from prance.training.checkpoint import save_checkpoint
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
 TIMING = ("seconds", "images_per_second")
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from prance import PranceError, count_macs, create_model
-from prance.data.fashion_mnist import find_fashion_mnist_dir
 from prance.evaluation import sweep as sweep_mod
 from prance.evaluation.evaluate import plans_from_spec
 from prance.evaluation.sweep import pick_for_budget, run_sweep, spread_subnets, sweep_data
@@ -18,22 +17,7 @@ from prance.training import meta as meta_mod
 from prance.training.meta import MetaRunConfig, MetaTrainConfig, run_train_meta
 
 MICRO = dict(embed_dim=32, depth=4, stage_depth=1, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spread_covers_the_macs_range_with_distinct_subnets():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prance import MetaViT, Plan, PranceError
-from tests.conftest import tiny_config, tiny_space
+from tests.conftest import tiny_config
 
 
 def _random_plans(model: MetaViT, batch: int, seed: int, keep=(0.3, 1.0)) -> Plan:

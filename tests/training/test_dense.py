@@ -10,29 +10,12 @@ import pytest
 import torch
 
 from prance import PranceError
-from prance.data.fashion_mnist import find_fashion_mnist_dir
 from prance.training import dense
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 from prance.training.dense import DenseTrainConfig, cosine_lr, resume_config, train_dense
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bit-exact comparisons need a fixed thread count; one thread is also fastest at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(fmnist_dir: str, **changes) -> DenseTrainConfig:

@@ -12,19 +12,10 @@ import pytest
 import torch
 
 from prance import create_model
-from prance.data.fashion_mnist import find_fashion_mnist_dir
 from prance.training.checkpoint import load_checkpoint, save_checkpoint
 from prance.training.meta import DUMP_RANKS_ENV
 
 MICRO = dict(embed_dim=32, depth=4, stage_depth=1, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def fmnist_dir() -> str:
-    directory = find_fashion_mnist_dir()
-    if not (directory / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist")
-    return str(directory)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
