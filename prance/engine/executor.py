@@ -274,25 +274,26 @@ class DynamicExecutor:
 
     # ------------------------------------------------------------------ token reduction
     def _reduce(self, g: _Group, importance: torch.Tensor, keep_k: torch.Tensor, merge_k: torch.Tensor) -> _Group:
-        """Reduce every image's tokens (equal counts and targets together), then re-sort by count."""
-        key = [tuple(k) for k in torch.stack([g.counts, keep_k, merge_k], 1).tolist()]
-        images, counts, xs, sizes = [], [], [], []
-        for (n, kk, mk), pos in _by_value(key):
-            rows = None if len(pos) == len(key) else g.rows_of(pos)
-            state = TokenState(_take(g.x, rows).view(len(pos), n, -1), _take(g.size, rows).view(len(pos), n))
-            if mk < n - 1:
-                state = token_ops.reduce(state, importance[pos, : n - 1], kk, mk)
-            images.append(g.images[pos])
-            counts.append(torch.full((len(pos),), state.x.shape[1]))
-            xs.append(state.x.reshape(-1, g.width))
-            sizes.append(state.size.reshape(-1))
-        images_t, counts_t = torch.cat(images), torch.cat(counts)
-        x, size = torch.cat(xs), torch.cat(sizes)
-        order = counts_t.sort(stable=True).indices
+        """Reduce every image's tokens in one batched call, then re-sort images by their new counts.
+
+        Images are padded to the longest (padding marked dead, so it is never kept or merged
+        into), reduced by the masked ops with one count per image, and the survivors compacted
+        back into packed rows (row-major order keeps each image's tokens together).
+        """
+        n_max = int(g.counts.max())
+        valid = torch.arange(n_max) < g.counts[:, None]
+        x = g.x.new_zeros(len(g.counts), n_max, g.width)
+        x[valid] = g.x
+        size = g.size.new_ones(len(g.counts), n_max)
+        size[valid] = g.size
+        state = token_ops.reduce_masked(TokenState(x, size, alive=valid), importance[:, : n_max - 1], keep_k, merge_k)
+        counts = state.alive.sum(1)
+        x, size = state.x[state.alive], state.size[state.alive]
+        order = counts.sort(stable=True).indices
         if bool((order != torch.arange(len(order))).any()):
-            rows = _rows(F.pad(counts_t.cumsum(0), (1, 0)), counts_t, order)
+            rows = _rows(F.pad(counts.cumsum(0), (1, 0)), counts, order)
             x, size = _take(x, rows), _take(size, rows)
-        return _Group(images_t[order], counts_t[order], x, size)
+        return _Group(g.images[order], counts[order], x, size)
 
     # ------------------------------------------------------------------ MLP
     def _mlp(self, blk: Block, g: _Group, hidden: list[int]) -> _Group:

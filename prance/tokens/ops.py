@@ -223,7 +223,10 @@ def merge_masked(state: TokenState, importance: torch.Tensor, k: torch.Tensor | 
 def reduce_masked(state: TokenState, importance: torch.Tensor, keep_k: torch.Tensor | int,
                   merge_k: torch.Tensor | int) -> TokenState:
     """Masked :func:`reduce`: prune to ``keep_k[b]``, then merge down to ``merge_k[b]`` patch tokens."""
-    return merge_masked(prune_masked(state, importance, keep_k), importance, merge_k)
+    state = prune_masked(state, importance, keep_k)
+    if bool((torch.as_tensor(merge_k) == torch.as_tensor(keep_k)).all()):
+        return state  # nothing to merge: skip the similarity matrix
+    return merge_masked(state, importance, merge_k)
 
 
 # ----------------------------------------------------------------------------- ToMe matching
