@@ -185,7 +185,7 @@ def check_images(x: torch.Tensor, in_chans: int, img_size: int) -> None:
     if channels != in_chans:
         raise PranceError(
             f"images have {channels} channel(s) but the model expects {in_chans}; "
-            f"build the dataset with in_chans={in_chans} or use --in-chans {channels}"
+            f"build the dataset with in_chans={in_chans} or a model with in_chans={channels}"
         )
     if (height, width) != (img_size, img_size):
         raise PranceError(

@@ -119,7 +119,7 @@ def test_check_images_accepts_a_good_batch_or_image() -> None:
 @pytest.mark.parametrize(
     ("images", "fragments"),
     [
-        (torch.zeros(2, 1, 28, 28), ("1 channel(s)", "expects 3", "in_chans=3", "--in-chans 1")),
+        (torch.zeros(2, 1, 28, 28), ("1 channel(s)", "expects 3", "in_chans=3", "model with in_chans=1")),
         (torch.zeros(2, 3, 32, 32), ("32x32", "expects 28x28", "resize to 28x28", "--img-size 32")),
         (
             torch.zeros(2, 3, 28, 28).index_fill_(3, torch.tensor([0]), float("nan")),
