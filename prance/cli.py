@@ -18,8 +18,9 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from prance.errors import PranceError
 
@@ -140,7 +141,7 @@ def _fail(message: str, code: int) -> int:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_positive(value: int | float | None, flag: str) -> None:
+def check_positive(value: float | None, flag: str) -> None:
     if value is not None and not value > 0:
         raise PranceError(f"{flag} must be positive, got {value}")
 

@@ -106,7 +106,7 @@ class DenseTrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DenseTrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DenseTrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -335,7 +335,7 @@ def _with_head(model: MetaViT, num_classes: int) -> MetaViT:
 
 def _init_path(init: str) -> str:
     """``timm:PATH`` or ``PATH``: a local timm/DeiT state-dict file."""
-    return init[len("timm:"):] if init.startswith("timm:") else init
+    return init.removeprefix("timm:")
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -377,4 +377,4 @@ class _JsonLog:
             f.write(json.dumps(record) + "\n")
 
 
-__all__ = ["DenseTrainConfig", "KIND", "cosine_lr", "resume_config", "train_dense"]
+__all__ = ["KIND", "DenseTrainConfig", "cosine_lr", "resume_config", "train_dense"]
