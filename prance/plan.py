@@ -190,7 +190,13 @@ class Plan:
 
     # ----------------------------------------------------------------- validation
     def validate(self, config: ViTConfig, space: SearchSpace) -> "Plan":
-        """Raise :class:`PranceError` unless every row is executable by this meta-network."""
+        """Raise :class:`PranceError` unless every row is executable by this meta-network.
+
+        A plan is immutable, so a successful check is remembered (per config and space) and
+        repeated forwards with the same plan object skip it.
+        """
+        if self.__dict__.get("_valid_for") == (config, space):
+            return self
         s, d, k = config.num_stages, config.depth, config.stage_depth
         shapes = {"widths": s, "mlp_ratios": d, "heads": d, "keep": s, "merge_keep": s}
         for name, n in shapes.items():
@@ -218,6 +224,7 @@ class Plan:
             raise PranceError("token mode 'prune' takes no merge_keep ratios; use token_mode 'prune_merge'")
         if space.token_mode == "merge" and (self.keep != 1).any():
             raise PranceError("token mode 'merge' takes merge_keep, not keep; use token_mode 'prune_merge'")
+        object.__setattr__(self, "_valid_for", (config, space))
         return self
 
 
