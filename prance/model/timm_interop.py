@@ -49,7 +49,9 @@ def unwrap_state_dict(obj: Any, what: str = "checkpoint") -> dict[str, torch.Ten
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
-def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+def config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], num_heads: int | None = None, stage_depth: int = 3
+) -> ViTConfig:
     """Infer the ViT shape from a timm-style state dict."""
     unsupported = [k for k in ("dist_token", "reg_token", "norm_pre.weight", "fc_norm.weight", "blocks.0.ls1.gamma")
                    if k in sd]
@@ -79,6 +81,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: int | None
         num_heads=heads,
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        stage_depth=stage_depth,
     )
 
 
@@ -101,8 +104,7 @@ def from_timm(
         sd = unwrap_state_dict(source)
     else:
         sd = load_state_dict_file(source)
-    inferred = config_from_state_dict(sd, num_heads)
-    config = ViTConfig(**{**inferred.to_dict(), "stage_depth": stage_depth})
+    config = config_from_state_dict(sd, num_heads, stage_depth)
     model = MetaViT(config, space)
     own = model.state_dict()
     stage_keys = {k for k in own if k.startswith("stage_maps.")}

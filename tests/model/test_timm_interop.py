@@ -74,3 +74,13 @@ def test_distilled_deit_is_rejected():
     sd["dist_token"] = torch.zeros(1, 1, 192)
     with pytest.raises(PranceError, match="dist_token"):
         from_timm(sd)
+
+
+def test_depth_not_a_multiple_of_three_with_its_own_stage_depth():
+    torch.manual_seed(0)
+    ref = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=3).eval()
+    model = from_timm(ref, stage_depth=1).eval()
+    assert model.config.depth == 4 and model.config.num_stages == 4
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert (model(x) - ref(x)).abs().max() <= 1e-5
