@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from prance.errors import PranceError
+from prance.files import check_writable_dir
 
 DATASETS = ("fashion-mnist", "folder")
 
@@ -144,20 +144,6 @@ def _fail(message: str, code: int) -> int:
 def check_positive(value: float | None, flag: str) -> None:
     if value is not None and not value > 0:
         raise PranceError(f"{flag} must be positive, got {value}")
-
-
-def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out") -> Path:
-    """Create ``directory`` if needed and prove it is writable by creating a temporary file in it."""
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise PranceError(f"{flag} {path} is a file, not a folder; choose another {flag}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".prance-write-test-"):
-            pass
-    except OSError as e:
-        raise PranceError(f"cannot write to folder {path} ({e.strerror or e}); choose a writable {flag}") from None
-    return path
 
 
 def _set_threads(threads: int | None) -> None:

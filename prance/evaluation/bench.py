@@ -41,6 +41,7 @@ import torch
 
 from prance.accounting import macs_per_sample, params_per_sample, token_fractions
 from prance.errors import PranceError
+from prance.files import check_writable_dir
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 
@@ -739,7 +740,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
         raise PranceError(f"--pool {args.pool} must be at least the largest batch size ({max(batch_sizes)})")
     if args.keep_grid is not None and not 0 < args.keep_grid <= 1:
         raise PranceError(f"--keep-grid must be in (0, 1], got {args.keep_grid}")
-    out = _writable_dir(args.out)
+    out = check_writable_dir(args.out)
     model, label = load_model(args.checkpoint, args.timm, args.preset, num_heads=args.num_heads)
     pool = args.pool or max(64, *batch_sizes)
     images, images_label = (None, None)
@@ -771,20 +772,6 @@ def _command_line(args: argparse.Namespace) -> str:
             continue
         words += [f"--{dest.replace('_', '-')}", str(value)]
     return shlex.join(words)
-
-
-def _writable_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` and prove it is writable before minutes of timing."""
-    import tempfile
-
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".prance-write-test-"):
-            pass
-    except OSError as e:
-        raise PranceError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable folder") from None
-    return out
 
 
 __all__ = [

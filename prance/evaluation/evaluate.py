@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from prance.accounting import CostedReducer, macs_per_sample, params_per_sample, token_fractions
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
+from prance.files import atomic_write
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 
@@ -148,24 +148,9 @@ def _plans_from_yaml(path: Path, config: ViTConfig, space: SearchSpace) -> list[
 
 # ----------------------------------------------------------------------------- output
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` as indented JSON, atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write ``obj`` as indented JSON, atomically (the old file survives any failure)."""
+    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 __all__ = ["PlanSource", "evaluate", "plans_from_spec", "write_json"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 import prance
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
+from prance.files import atomic_write
 from prance.model.metavit import MetaViT
 
 FORMAT = "prance-checkpoint"
@@ -48,43 +48,12 @@ _REQUIRED = ("format_version", "kind", "config", "space", "model")
 # ----------------------------------------------------------------------------- writing
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)`` so that ``path`` holds the old or the new file, never a partial one."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise PranceError(
-                f"cannot write checkpoint {path} ({e.strerror or e}); free disk space or choose another output folder"
-            ) from e
-        raise
-    _fsync_dir(directory)
-    for stale in directory.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise PranceError(
+            f"cannot write checkpoint {path} ({e.strerror or e}); free disk space or choose another output folder"
+        ) from e
 
 
 def make_checkpoint(

@@ -1,0 +1,66 @@
+"""Safe file output: atomic writes and an early check that an output folder is writable.
+
+Every file prance produces (checkpoints, JSON results) goes through :func:`atomic_write`, so
+a crash or a kill mid-write leaves the previous file intact, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from prance.errors import PranceError
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(file)``: temporary file in the same folder, fsync, rename.
+
+    Temporary files left by an earlier writer that was killed are removed afterwards.
+    OSErrors propagate; callers turn them into messages that fit their file.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    for stale in directory.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create ``directory`` if needed and prove it is writable by creating a temporary file in it."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise PranceError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".prance-write-test-"):
+            pass
+    except OSError as e:
+        raise PranceError(f"cannot write to folder {path} ({e.strerror or e}); choose a writable {flag}") from None
+    return path
