@@ -128,7 +128,7 @@ class DynamicExecutor:
         plan = (Plan.full(cfg) if plan is None else plan).validate(cfg, model.space)
         if plan.batch_size == 1 or _all_rows_equal(plan):
             # One plan for the whole batch (always so at batch 1): plain sliced execution.
-            return model._forward_physical(x, plan.select(0), None, None)
+            return model.forward_shared_plan(x, plan.select(0), None, None)
         plan = plan.expand(b)
         widths = plan.widths.tolist()
         heads = plan.heads.tolist()
@@ -165,7 +165,7 @@ class DynamicExecutor:
         logits = x.new_empty(b, cfg.num_classes)
         for g in groups:
             cls = g.x[g.offsets()[:-1]]
-            logits[g.images] = model._head(model.norm(cls))
+            logits[g.images] = model.classify(model.norm(cls))
         return logits
 
     # ------------------------------------------------------------------ stage boundary

@@ -94,12 +94,12 @@ class MetaViT(nn.Module):
             return self._forward_masked(x, plan, trace)
         groups = plan.groups()
         if len(groups) == 1:
-            return self._forward_physical(x, plan.select(0), reducer, trace)
+            return self.forward_shared_plan(x, plan.select(0), reducer, trace)
         if trace is not None:
             raise PranceError("tracing a batch with mixed plans needs mode='masked'")
         logits = x.new_empty(x.shape[0], self.config.num_classes)
         for index in groups:
-            logits[index] = self._forward_physical(x[index], plan.select(index[:1]), reducer, None)
+            logits[index] = self.forward_shared_plan(x[index], plan.select(index[:1]), reducer, None)
         return logits
 
     @property
@@ -131,10 +131,10 @@ class MetaViT(nn.Module):
         return x + self.pos_embed
 
     # ------------------------------------------------------------------ physical path
-    def _forward_physical(
+    def forward_shared_plan(
         self, x: torch.Tensor, plan: Plan, reducer: TokenReducer | None, trace: list[TokenState] | None
     ) -> torch.Tensor:
-        """All images of ``x`` share the single-row ``plan``."""
+        """Physical execution of a batch whose images all share the single-row ``plan``."""
         cfg = self.config
         widths = plan.widths[0].tolist()
         heads = plan.heads[0].tolist()
@@ -163,9 +163,10 @@ class MetaViT(nn.Module):
             state = state.with_x(state.x + blk.mlp(blk.norm2(state.x), hidden[i]))
             if trace is not None and first == cfg.stage_depth - 1:
                 trace.append(state)
-        return self._head(self.norm(state.x[:, 0]))
+        return self.classify(self.norm(state.x[:, 0]))
 
-    def _head(self, cls: torch.Tensor) -> torch.Tensor:
+    def classify(self, cls: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised cls features of any active width (the head's first columns)."""
         return F.linear(cls, self.head.weight[:, : cls.shape[-1]], self.head.bias)
 
     # ------------------------------------------------------------------ masked path
