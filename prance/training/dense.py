@@ -182,7 +182,7 @@ def train_dense(
     if model.config.num_classes != num_classes:
         raise PranceError(f"the model has {model.config.num_classes} classes but the data has {num_classes}; "
                           "train a new run for this data set")
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     epoch, step, best_top1, best_epoch = 0, 0, -1.0, 0
     if resume_ckpt is not None:
         state = resume_ckpt["train_state"]
@@ -196,7 +196,7 @@ def train_dense(
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    log = _JsonLog(out / LOG)
+    log = JsonLog(out / LOG)
     log.write(event="start", resumed_at_epoch=epoch if resume_ckpt else None, train_images=len(train_set),
               val_images=len(val_set), steps_per_epoch=steps_per_epoch, config=cfg.to_dict(),
               model=model.config.to_dict())
@@ -292,7 +292,7 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, mi
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices only (not norms, biases, pos_embed, cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -365,7 +365,7 @@ def _check_same_settings(cfg: DenseTrainConfig, saved: DenseTrainConfig, out: Pa
                           f"{getattr(saved, name)!r}; resume with the same settings or start a new --out")
 
 
-class _JsonLog:
+class JsonLog:
     """Append-only JSON-lines log; every line is flushed, so a crash loses at most the line being written."""
 
     def __init__(self, path: Path) -> None:
@@ -377,4 +377,4 @@ class _JsonLog:
             f.write(json.dumps(record) + "\n")
 
 
-__all__ = ["KIND", "DenseTrainConfig", "cosine_lr", "resume_config", "train_dense"]
+__all__ = ["KIND", "DenseTrainConfig", "JsonLog", "cosine_lr", "param_groups", "resume_config", "train_dense"]

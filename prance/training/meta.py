@@ -54,7 +54,7 @@ from prance.model.presets import create_model
 from prance.model.timm_interop import from_timm
 from prance.plan import Plan
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from prance.training.dense import _JsonLog, _param_groups, cosine_lr
+from prance.training.dense import JsonLog, param_groups, cosine_lr
 
 KIND = "meta"
 LAST, BEST, LOG = "last.pt", "best.pt", "log.jsonl"
@@ -248,7 +248,7 @@ def sandwich_loss(
 # ----------------------------------------------------------------------------- optimiser
 def build_optimizer(model: nn.Module, cfg: MetaTrainConfig) -> torch.optim.Optimizer:
     """AdamW with the dense loop's parameter groups (no decay on norms, biases, embeddings)."""
-    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
 def lr_at(step: int, total_steps: int, cfg: MetaTrainConfig) -> float:
@@ -415,7 +415,7 @@ def train_meta(
         # gets no gradient; find_unused_parameters lets DDP finish its reduction anyway.
         net = nn.parallel.DistributedDataParallel(net, device_ids=None, find_unused_parameters=True)
 
-    log = _JsonLog(out / LOG) if ctx.is_main else None
+    log = JsonLog(out / LOG) if ctx.is_main else None
     if log is not None:
         log.write(event="resume" if resume else "start", step=step, config=cfg.to_dict(),
                   world_size=ctx.world_size, train_images=len(train_set),

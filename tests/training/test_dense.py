@@ -49,7 +49,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     from prance import create_model
 
     model = create_model("fmnist-tiny", **TINY)
-    decay, no_decay = dense._param_groups(model, 0.05)
+    decay, no_decay = dense.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay["params"]} >= {"pos_embed", "cls_token", "norm.weight", "head.bias"}
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
