@@ -4,12 +4,14 @@ __version__ = "0.1.0"
 
 from prance.accounting import count_macs, count_params, mac_breakdown, macs_per_sample, params_per_sample
 from prance.config import SearchSpace, ViTConfig
+from prance.engine import DynamicExecutor
 from prance.errors import PranceError
 from prance.model import MetaViT, create_model, from_timm, to_timm_state_dict
 from prance.plan import Plan
 
 __all__ = [
     "__version__",
+    "DynamicExecutor",
     "MetaViT",
     "Plan",
     "PranceError",
