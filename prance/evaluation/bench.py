@@ -244,20 +244,28 @@ def load_static_plan(path: str | os.PathLike[str], model: MetaViT, target: float
     return plan, f"plan {name!r} from {path}"
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """How the methods meet the MACs target; None means chosen automatically."""
+
+    evit_keep: float | None = None
+    tome_r: int | None = None
+    static_plan: Plan | None = None
+    static_label: str | None = None
+    plans: Plan | None = None
+    """Per-image plans for the PRANCE methods (default: random plans at the target)."""
+    plans_label: str | None = None
+    keep_grid: float | None = None
+
+
 def build_methods(
     model: MetaViT,
     names: Sequence[str],
     pool: int,
     target: float,
     batch_plans: Callable[[int], Plan],
+    options: MethodOptions | None = None,
     *,
-    evit_keep: float | None = None,
-    tome_r: int | None = None,
-    static_plan: Plan | None = None,
-    static_label: str | None = None,
-    plans: Plan | None = None,
-    plans_label: str | None = None,
-    keep_grid: float | None = None,
     seed: int = 0,
 ) -> dict[str, Method]:
     """The requested methods on ``model``'s weights, costed per pooled image.
@@ -270,6 +278,9 @@ def build_methods(
     from prance.model.timm_interop import timm_kwargs, to_timm_state_dict
     from prance.tokens.baselines import EViTReducer, ToMeReducer
 
+    o = options or MethodOptions()
+    evit_keep, tome_r, static_plan, keep_grid = o.evit_keep, o.tome_r, o.static_plan, o.keep_grid
+    plans, plans_label = o.plans, o.plans_label
     cfg = model.config
     full = Plan.full(cfg)
     dense_params = params_per_sample(model, full).expand(pool)
@@ -305,7 +316,7 @@ def build_methods(
                    float(token_fraction(model, reducer=reducer)[0]), {"r": r, "matched": tome_r is None})
         elif name == "static-subnet":
             plan = search_static_plan(model, target) if static_plan is None else static_plan
-            label = static_label or "closest uniform subnet to the target MACs (small search)"
+            label = o.static_label or "closest uniform subnet to the target MACs (small search)"
             static(name, lambda x, p=plan: model(x, p), int(macs_per_sample(model, plan)[0]),
                    params_per_sample(model, plan), float(token_fraction(model, plan)[0]),
                    {"plan": plan.to_dict(), "source": label})
@@ -374,13 +385,7 @@ def benchmark(
     images: torch.Tensor | None = None,
     images_label: str | None = None,
     pool: int | None = None,
-    evit_keep: float | None = None,
-    tome_r: int | None = None,
-    static_plan: Plan | None = None,
-    static_label: str | None = None,
-    plans: Plan | None = None,
-    plans_label: str | None = None,
-    keep_grid: float | None = None,
+    options: MethodOptions | None = None,
     seed: int = 0,
     model_label: str = "model",
     command: str | None = None,
@@ -415,9 +420,7 @@ def benchmark(
         images_label = images_label or f"{len(images)} pre-loaded images"
 
     layout: dict[str, list[Plan]] = {"plans": []}  # per-image plans of each batch, for the current batch size
-    built = build_methods(model, methods, pool, target_macs, lambda j: layout["plans"][j], evit_keep=evit_keep,
-                          tome_r=tome_r, static_plan=static_plan, static_label=static_label, plans=plans,
-                          plans_label=plans_label, keep_grid=keep_grid, seed=seed)
+    built = build_methods(model, methods, pool, target_macs, lambda j: layout["plans"][j], options, seed=seed)
     reference = "dense-timm" if "dense-timm" in built else "dense"
     pool_plans = next((m.pool_plans for m in built.values() if m.pool_plans is not None), None)
     dense_macs = float(macs_per_sample(cfg)[0])
@@ -754,9 +757,10 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     result = benchmark(model, batch_sizes=batch_sizes, methods=methods, target_macs=args.target_macs,
                        runs=args.runs, warmup=args.warmup, rounds=args.rounds, images=images,
-                       images_label=images_label, pool=pool, evit_keep=args.evit_keep, tome_r=args.tome_r,
-                       static_plan=static_plan, static_label=static_label, plans=plans, plans_label=plans_label,
-                       keep_grid=args.keep_grid, seed=args.seed, model_label=label, command=command, log=log)
+                       images_label=images_label, pool=pool,
+                       options=MethodOptions(args.evit_keep, args.tome_r, static_plan, static_label, plans,
+                                             plans_label, args.keep_grid),
+                       seed=args.seed, model_label=label, command=command, log=log)
     print(format_table(result))
     json_path, png_path = write_outputs(result, out)
     print(f"wrote {json_path} and {png_path}")
@@ -778,6 +782,7 @@ __all__ = [
     "METHODS",
     "Method",
     "add_arguments",
+    "MethodOptions",
     "benchmark",
     "build_methods",
     "format_table",

@@ -148,7 +148,8 @@ def test_plans_files_and_static_plan_are_used(model, tmp_path):
     (tmp_path / "static.yaml").write_text(yaml.safe_dump(static.to_dict()))
     static_plan, static_label = bench.load_static_plan(tmp_path / "static.yaml", model, TARGET)
     out = benchmark(model, batch_sizes=[2], methods=["dense", "static-subnet", "prance"], runs=1, warmup=0,
-                    pool=3, static_plan=static_plan, static_label=static_label, plans=loaded, plans_label=label)
+                    pool=3, options=bench.MethodOptions(static_plan=static_plan, static_label=static_label,
+                                                        plans=loaded, plans_label=label))
     assert out["meta"]["reference"] == "dense"
     assert out["meta"]["methods"]["static-subnet"]["plan"] == static.to_dict()
     want = bench.macs_per_sample(model, plans.select([0, 1])).double().mean() / 1e9
