@@ -9,7 +9,7 @@ consume them, and :func:`prance.count_macs` prices them; validation against the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -162,10 +162,6 @@ class Plan:
         if self.batch_size == 1:
             return Plan(*(getattr(self, k).expand(len(index), -1) for k in _KEYS))
         return Plan(*(getattr(self, k)[index] for k in _KEYS))
-
-    def rows(self) -> Iterator["Plan"]:
-        for i in range(self.batch_size):
-            yield self.select(i)
 
     def key(self, i: int) -> tuple:
         """A hashable identity of sample ``i``'s plan (equal keys ⇒ identical execution)."""

@@ -58,14 +58,5 @@ class TokenState:
             bias = bias.masked_fill(~self.alive, float("-inf"))
         return bias
 
-    def select(self, index: torch.Tensor) -> "TokenState":
-        """Rows ``index`` of the batch."""
-        return TokenState(
-            self.x[index],
-            self.size[index],
-            None if self.source is None else self.source[index],
-            None if self.alive is None else self.alive[index],
-        )
-
     def with_x(self, x: torch.Tensor) -> "TokenState":
         return replace(self, x=x)
