@@ -163,6 +163,20 @@ class Plan:
             return Plan(*(getattr(self, k).expand(len(index), -1) for k in _KEYS))
         return Plan(*(getattr(self, k)[index] for k in _KEYS))
 
+    def with_stage(self, config: ViTConfig, stage: int, decision: "Plan") -> "Plan":
+        """This plan with stage ``stage``'s choices (its width, keep ratios and the MLP ratios and
+        heads of its blocks) taken from ``decision``; either may be one row that broadcasts."""
+        b = max(self.batch_size, decision.batch_size)
+        base, new = self.expand(b), decision.expand(b)
+        blocks = slice(stage * config.stage_depth, (stage + 1) * config.stage_depth)
+        fields = {}
+        for k in _KEYS:
+            t = getattr(base, k).clone()
+            cols = blocks if k in ("mlp_ratios", "heads") else slice(stage, stage + 1)
+            t[:, cols] = getattr(new, k)[:, cols]
+            fields[k] = t
+        return Plan(**fields)
+
     def key(self, i: int) -> tuple:
         """A hashable identity of sample ``i``'s plan (equal keys ⇒ identical execution)."""
         return tuple(tuple(getattr(self, k)[i].tolist()) for k in _KEYS)

@@ -6,9 +6,13 @@ runs as a few large matrix products:
 * images sharing a residual width form a *width group* for the whole stage; their tokens are
   packed into one ``[tokens, width]`` matrix (no padding), so LayerNorm, QKV, projection and
   the MLP run once per group (per distinct heads / MLP width inside it);
-* attention needs per-image structure: inside a group, images are kept sorted by token count,
-  so images with equal counts are a contiguous slice that reshapes to a dense sub-batch (or,
-  with ``attention="padded"``, every image is padded to the longest and keys are masked);
+* attention needs per-image structure but not the residual width (its q, k, v have
+  ``heads × head_dim`` channels), so it runs across width groups: every image's q, k, v go
+  into one token grid, images sorted by token count and cut into *buckets*; a bucket is one
+  attention call, its images padded to its longest with padded keys masked out. Where
+  buckets are cut is a cost model: padding an image costs wasted attention MACs, one more
+  call costs a fixed price (``attention_call_macs``), so small models pad more and large
+  ones pad little;
 * groups are rebuilt at every stage boundary, where widths change and tokens are reduced.
 
 The engine reads the meta-network's weights, it owns none; for every image its logits equal
@@ -18,29 +22,38 @@ The engine reads the meta-network's weights, it owns none; for every image its l
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from prance.errors import PranceError
-from prance.model.layers import Attention, Block
+from prance.model.layers import Block
 from prance.model.metavit import MetaViT
 from prance.plan import Plan, kept_count
+from prance.policy import StagePolicy, StageState
 from prance.tokens import ops as token_ops
 from prance.tokens.state import TokenState
 
-ATTENTION_MODES = ("grouped", "padded")
+#: ``exact``: only images with equal token counts share an attention call (never pads);
+#: ``padded``: one call for the whole batch, padded to the longest; ``auto``: the cost model.
+ATTENTION_MODES = ("auto", "exact", "padded")
+_CALL_MACS = {"exact": 0.0, "padded": float("inf")}
+
+#: Fixed price of one more attention call, in MACs: about 15 µs of call overhead at the
+#: ~16 GMAC/s a CPU core reaches on small attention problems (measured on the dev machine).
+DEFAULT_ATTENTION_CALL_MACS = 2.5e5
 
 
 @dataclass
 class _Group:
-    """Images sharing one residual width; tokens packed image after image, images by token count."""
+    """Images sharing one residual width; tokens packed image after image."""
 
-    images: torch.Tensor  # [G] batch indices, sorted by token count
-    counts: torch.Tensor  # [G] tokens per image (cls included), non-decreasing
+    images: torch.Tensor  # [G] batch indices
+    counts: torch.Tensor  # [G] tokens per image (cls included)
     x: torch.Tensor  # [T, w] packed tokens
     size: torch.Tensor  # [T] tokens' sizes (patches they stand for)
-    row_image: torch.Tensor | None = None  # [T] position in the group of each row's image (cached)
+    grid_rows: torch.Tensor | None = None  # [T] row of each token in the attention grid (cached)
 
     @property
     def width(self) -> int:
@@ -49,27 +62,82 @@ class _Group:
     def offsets(self) -> torch.Tensor:
         return F.pad(self.counts.cumsum(0), (1, 0))
 
-    def _row_image(self) -> torch.Tensor:
-        if self.row_image is None:
-            self.row_image = torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
-        return self.row_image
-
-    def rows_of(self, positions: list[int]) -> torch.Tensor:
-        """Packed row indices of the images at ``positions`` (in packed order)."""
-        chosen = torch.zeros(len(self.counts), dtype=torch.bool)
-        chosen[positions] = True
-        return chosen[self._row_image()].nonzero().squeeze(1)
+    def row_image(self) -> torch.Tensor:
+        """``[T]`` position in the group of each row's image."""
+        return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
 
     def partition(self, values: list[int]) -> list[tuple[int, torch.Tensor]]:
         """``(value, rows)`` for each distinct per-image value, with one sort for all of them."""
         distinct, inverse = torch.tensor(values).unique(return_inverse=True)
-        row_key = inverse[self._row_image()]
+        row_key = inverse[self.row_image()]
         order = row_key.sort(stable=True).indices
         sizes = torch.bincount(row_key, minlength=len(distinct)).tolist()
         return list(zip(distinct.tolist(), order.split(sizes)))
 
     def with_x(self, x: torch.Tensor) -> "_Group":
         return replace(self, x=x)
+
+
+@dataclass
+class _Grid:
+    """Every image's tokens in one ``[slots, n_max]`` grid for attention, cut into buckets.
+
+    Images sit in slots sorted by token count; bucket ``(a, z, n)`` is slots ``a:z`` truncated
+    to ``n`` tokens (their longest) and is one attention call.
+    """
+
+    slot: torch.Tensor  # [B] slot of each batch image
+    n_max: int
+    buckets: list[tuple[int, int, int]]
+    key_bias: torch.Tensor | None  # [B, n_max]: 0 / log(size) for real keys, -inf for padding; None if never needed
+    masked: list[bool]  # per bucket: does it need the key bias
+    pad_rows: torch.Tensor | None  # grid rows inside some bucket that hold padding (to be zeroed)
+
+    def rows_of(self, g: _Group) -> torch.Tensor:
+        """``[T]`` grid row (``slot * n_max + token``) of every packed row of ``g`` (cached on ``g``)."""
+        if g.grid_rows is None:
+            within = torch.arange(len(g.x)) - torch.repeat_interleave(g.offsets()[:-1], g.counts)
+            g.grid_rows = torch.repeat_interleave(self.slot[g.images] * self.n_max, g.counts) + within
+        return g.grid_rows
+
+
+def buckets(counts: list[int], unit_macs: int, call_macs: float) -> list[tuple[int, int, int]]:
+    """Cut ascending ``counts`` into contiguous buckets ``(start, end, longest)`` of least cost.
+
+    A bucket costs ``call_macs`` (the price of one more attention call) plus its images padded
+    to its longest, ``images × longest² × unit_macs``; dynamic programming over the distinct
+    counts finds the cheapest cut. ``call_macs = 0`` pads nothing (equal counts only), ``inf``
+    gives one bucket.
+    """
+    if call_macs == float("inf"):
+        return [(0, len(counts), counts[-1])] if counts else []
+    values, ends = [], []  # distinct counts and the end index of each one's run
+    for i, c in enumerate(counts):
+        if values and values[-1] == c:
+            ends[-1] = i + 1
+        else:
+            values.append(c)
+            ends.append(i + 1)
+    k = len(values)
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
+    for z in range(1, k + 1):
+        per_image = values[z - 1] ** 2 * unit_macs
+        for a in range(z):
+            start = ends[a - 1] if a else 0
+            cost = best[a] + call_macs + (ends[z - 1] - start) * per_image
+            if cost < best[z]:
+                best[z], cut[z] = cost, a
+    out, z = [], k
+    while z > 0:
+        a = cut[z]
+        out.append((ends[a - 1] if a else 0, ends[z - 1], values[z - 1]))
+        z = a
+    return out[::-1]
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
+    return t if rows is None else t.index_select(0, rows)
 
 
 def _rows(offsets: torch.Tensor, counts: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -80,228 +148,298 @@ def _rows(offsets: torch.Tensor, counts: torch.Tensor, order: torch.Tensor) -> t
     return torch.repeat_interleave(starts, c) + within
 
 
-def _all_rows_equal(plan: Plan) -> bool:
-    return all(bool((t == t[:1]).all()) for t in (plan.widths, plan.mlp_ratios, plan.heads, plan.keep, plan.merge_keep))
-
-
-def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
-    return t if rows is None else t.index_select(0, rows)
-
-
-def _runs(values: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs ``(start, end, value)`` of equal consecutive values."""
-    runs, start = [], 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            runs.append((start, i, values[start]))
-            start = i
-    return runs
-
-
-def _by_value(values: list) -> list[tuple]:
-    """``(value, positions)`` for each distinct (hashable) value, in first-seen order."""
-    out: dict = {}
-    for i, v in enumerate(values):
-        out.setdefault(v, []).append(i)
-    return list(out.items())
-
-
 class DynamicExecutor:
     """Runs a :class:`MetaViT` with one plan per image, physically, in grouped sub-batches.
 
-    ``attention="grouped"`` attends over images with equal token counts together (exact, no
-    padding); ``"padded"`` pads every image of a group to the longest and masks the keys.
+    ``attention`` — ``"auto"`` (cost model, default), ``"exact"`` (no padding) or ``"padded"``
+    (one call per block); ``attention_call_macs`` sets the cost model's price of a call.
+    Weight slices are cached per size (views, no copies), so repeated plans pay no slicing.
     """
 
-    def __init__(self, model: MetaViT, attention: str = "grouped") -> None:
+    def __init__(self, model: MetaViT, attention: str = "auto",
+                 attention_call_macs: float = DEFAULT_ATTENTION_CALL_MACS) -> None:
         if attention not in ATTENTION_MODES:
             raise PranceError(f"unknown attention mode {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
+        if not attention_call_macs >= 0:
+            raise PranceError(f"attention_call_macs must be >= 0, got {attention_call_macs}")
         self.model = model
         self.attention = attention
+        self.call_macs = _CALL_MACS.get(attention, attention_call_macs)
+        self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, x: torch.Tensor, plan: Plan | None = None, policy: StagePolicy | None = None) -> torch.Tensor:
+        """Logits ``[B, num_classes]``; see :meth:`run`."""
+        return self.run(x, plan, policy)[0]
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, plan: Plan | None = None, policy: StagePolicy | None = None
+            ) -> tuple[torch.Tensor, Plan]:
+        """Logits and the plan that was executed.
+
+        ``plan`` — one row for the batch or one per image (default: full size). ``policy`` —
+        a selector called once per stage ``s >= 1`` with the whole batch's
+        :class:`~prance.policy.StageState`; its stage-``s`` decisions replace the plan's.
+        """
         model, cfg = self.model, self.model.config
         model.check_input(x)
         b = x.shape[0]
-        plan = (Plan.full(cfg) if plan is None else plan).validate(cfg, model.space)
-        if plan.batch_size == 1 or _all_rows_equal(plan):
-            # One plan for the whole batch (always so at batch 1): plain sliced execution.
-            return model.forward_shared_plan(x, plan.select(0), None, None)
-        plan = plan.expand(b)
-        widths = plan.widths.tolist()
-        heads = plan.heads.tolist()
-        hidden = plan.mlp_hidden(cfg).tolist()
-        keep, merge_keep = plan.keep, plan.merge_keep
-
+        plan = (model._full_plan if plan is None else plan).validate(cfg, model.space).expand(b)
         tokens = model.embed(x)
         n0 = tokens.shape[1]
         groups = [_Group(torch.arange(b), torch.full((b,), n0), tokens.reshape(b * n0, -1),
                          torch.ones(b * n0, dtype=x.dtype))]
-        sized = False
+        grid, sized, key_means = None, False, None
         for i, blk in enumerate(model.blocks):
             stage, first = divmod(i, cfg.stage_depth)
             reduce_stage = first == 0 and stage > 0
+            if reduce_stage and policy is not None:
+                state = self._stage_state(stage, groups, key_means, b, n0)
+                plan = plan.with_stage(cfg, stage, policy(state)).validate(cfg, model.space)
+            if i == 0 or (reduce_stage and policy is not None):
+                heads, hidden = plan.heads.tolist(), plan.mlp_hidden(cfg).tolist()
             if reduce_stage:
-                groups = self._regroup(groups, [w[stage] for w in widths], stage)
-            new_groups = []
-            for g in groups:
-                imgs = g.images.tolist()
-                reduce = None
-                if reduce_stage:
-                    n_patch = g.counts - 1
-                    keep_k = kept_count(n_patch, keep[g.images, stage])
-                    merge_k = kept_count(keep_k, merge_keep[g.images, stage])
-                    if bool((merge_k < n_patch).any()):
-                        reduce = (keep_k, merge_k)
-                        sized = sized or bool((merge_k < keep_k).any())
-                g, importance = self._attention(blk, g, [heads[j][i] for j in imgs], reduce is not None, sized)
-                if reduce is not None:
-                    g = self._reduce(g, importance, *reduce)
-                g = self._mlp(blk, g, [hidden[j][i] for j in g.images.tolist()])  # order may have changed
-                new_groups.append(g)
-            groups = new_groups
+                groups = self._regroup(groups, plan.widths[:, stage].tolist(), stage)
+            if grid is None:
+                grid = self._grid(groups, b, sized)
+            reduce = None
+            if reduce_stage:
+                counts = torch.empty(b, dtype=torch.int64)
+                for g in groups:
+                    counts[g.images] = g.counts
+                keep_k = kept_count(counts - 1, plan.keep[:, stage])
+                merge_k = kept_count(keep_k, plan.merge_keep[:, stage])
+                if bool((merge_k < counts - 1).any()):
+                    reduce = (keep_k, merge_k)
+            want_keys = policy is not None and first == cfg.stage_depth - 1 and stage < cfg.num_stages - 1
+            groups, importance, key_means = self._attention(
+                i, blk, groups, grid, [h[i] for h in heads], reduce is not None, want_keys)
+            if reduce is not None:
+                keep_k, merge_k = reduce
+                sized = sized or bool((merge_k < keep_k).any())
+                groups = [self._reduce(g, importance[grid.slot[g.images]], keep_k[g.images], merge_k[g.images])
+                          for g in groups]
+                grid = None
+            groups = [self._mlp(i, blk, g, [hidden[j][i] for j in g.images.tolist()]) for g in groups]
         logits = x.new_empty(b, cfg.num_classes)
         for g in groups:
             cls = g.x[g.offsets()[:-1]]
             logits[g.images] = model.classify(model.norm(cls))
-        return logits
+        return logits, plan
+
+    def _stage_state(self, stage: int, groups: list[_Group], key_means: torch.Tensor | None, b: int, n0: int
+                     ) -> StageState:
+        d = self.model.config.embed_dim
+        cls = groups[0].x.new_zeros(b, d)
+        tokens = torch.empty(b, dtype=torch.int64)
+        widths = torch.empty(b, dtype=torch.int64)
+        for g in groups:
+            cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
+            tokens[g.images] = g.counts
+            widths[g.images] = g.width
+        means = cls.new_zeros(b, n0)
+        if key_means is not None:
+            n = key_means.shape[1]
+            means[:, :n] = key_means.masked_fill(torch.arange(n) >= tokens[:, None], 0.0)
+        return StageState(stage, cls, means, tokens, widths)
+
+    # ------------------------------------------------------------------ weights
+    def _cached(self, key: tuple, source: torch.Tensor, make: Callable[[], tuple[torch.Tensor, ...]]
+                ) -> tuple[torch.Tensor, ...]:
+        """Weight views for ``key``, made once; keyed on the source storage so reloaded weights miss."""
+        key = (*key, source.data_ptr())
+        hit = self._views.get(key)
+        if hit is None:
+            hit = self._views[key] = make()
+        return hit
+
+    def _qkv(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
+        return self._cached(("qkv", i, width, heads), blk.attn.qkv.weight,
+                            lambda: blk.attn._qkv_params(width, heads))
+
+    def _proj(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
+        p, c = blk.attn.proj, heads * blk.attn.head_dim
+        return self._cached(("proj", i, width, heads), p.weight, lambda: (p.weight[:width, :c], p.bias[:width]))
+
+    def _fc(self, i: int, blk: Block, width: int, hidden: int) -> tuple[torch.Tensor, ...]:
+        m = blk.mlp
+        return self._cached(("mlp", i, width, hidden), m.fc1.weight, lambda: (
+            m.fc1.weight[:hidden, :width], m.fc1.bias[:hidden], m.fc2.weight[:width, :hidden], m.fc2.bias[:width]))
+
+    def _norm(self, key: tuple, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[1]
+        weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
+        return F.layer_norm(x, (w,), weight, bias, norm.eps)
 
     # ------------------------------------------------------------------ stage boundary
     def _regroup(self, groups: list[_Group], new_widths: list[int], stage: int) -> list[_Group]:
-        """Regroup images by their width for ``stage``, applying the stage map where it changes."""
+        """Regroup images by their width for ``stage``, applying the stage map where it changes.
+
+        The map runs once per old group, at the largest new width any of its images needs; a
+        narrower image takes the first columns of that output (first-k slicing makes it exact).
+        """
         stage_map = self.model.stage_maps[stage - 1]
-        pieces: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        pieces: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         for g in groups:
             targets = torch.tensor([new_widths[j] for j in g.images.tolist()])
-            for w in targets.unique().tolist():
-                pos = (targets == w).nonzero().flatten()
-                if len(pos) == len(g.images):
-                    xs, size = g.x, g.size
-                else:
-                    rows = _rows(g.offsets(), g.counts, pos)
-                    xs, size = _take(g.x, rows), _take(g.size, rows)
-                if w != g.width:
-                    xs = stage_map(xs, w)
-                pieces.setdefault(w, []).append((g.images[pos], g.counts[pos], xs, size))
+            wanted = targets.unique().tolist()
+            changed = [w for w in wanted if w != g.width]
+            mapped = stage_map(g.x, max(changed)) if changed else None
+            for w in wanted:
+                source = g.x if w == g.width else mapped[:, :w]
+                if len(wanted) == 1:
+                    pieces.setdefault(w, []).append((g.images, g.counts, source, g.size))
+                    continue
+                pos = (targets == w).nonzero().squeeze(1)
+                rows = _rows(g.offsets(), g.counts, pos)
+                pieces.setdefault(w, []).append((g.images[pos], g.counts[pos], source.index_select(0, rows),
+                                                 g.size.index_select(0, rows)))
         out = []
-        for w, parts in pieces.items():
+        for parts in pieces.values():
             if len(parts) == 1:
                 out.append(_Group(*parts[0]))
-                continue
-            images, counts = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            xs, size = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
-            order = counts.sort(stable=True).indices
-            rows = _rows(F.pad(counts.cumsum(0), (1, 0)), counts, order)
-            out.append(_Group(images[order], counts[order], _take(xs, rows), _take(size, rows)))
+            else:
+                out.append(_Group(*(torch.cat([p[k] for p in parts]) for k in range(4))))
         return out
 
     # ------------------------------------------------------------------ attention
-    def _attention(
-        self, blk: Block, g: _Group, heads: list[int], need_importance: bool, sized: bool
-    ) -> tuple[_Group, torch.Tensor | None]:
-        """Residual attention for the group; also cls importance ``[G, Nmax-1]`` if asked."""
-        attn: Attention = blk.attn
-        h = blk.norm1(g.x)
-        counts = g.counts.tolist()
-        bias = g.size.log() if sized else None
-        x = g.x
-        importance = g.x.new_zeros(len(counts), max(counts) - 1) if need_importance else None
-        for hv, pos in _by_value(heads):
-            whole = len(pos) == len(counts)
-            rows = None if whole else g.rows_of(pos)
-            weight, b = attn._qkv_params(g.width, hv)
-            qkv = F.linear(_take(h, rows), weight, b)
-            sub_counts = [counts[p] for p in pos]
-            sub_bias = None if bias is None else _take(bias, rows)
-            if self.attention == "grouped":
-                o, imp = self._attend_runs(attn, qkv, sub_counts, hv, sub_bias, need_importance)
-            else:
-                o, imp = self._attend_padded(attn, qkv, sub_counts, hv, sub_bias, need_importance)
-            proj = F.linear(o, attn.proj.weight[: g.width, : hv * attn.head_dim], attn.proj.bias[: g.width])
-            # In place is safe: h already holds what attention needed from x.
-            x = x + proj if whole else x.index_add_(0, rows, proj)
-            if importance is not None:
-                importance[pos, : imp.shape[1]] = imp
-        return g.with_x(x), importance
+    def _grid(self, groups: list[_Group], b: int, sized: bool) -> _Grid:
+        """Sort all images by token count into one grid and cut it into buckets."""
+        counts = torch.empty(b, dtype=torch.int64)
+        for g in groups:
+            counts[g.images] = g.counts
+        order = counts.sort(stable=True).indices
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(b)
+        sorted_counts = counts[order].tolist()
+        attn = self.model.blocks[0].attn
+        cut = buckets(sorted_counts, 2 * attn.num_heads * attn.head_dim, self.call_macs)
+        n_max = sorted_counts[-1]
+        masked = [sized or sorted_counts[a] < n for a, _, n in cut]
+        grid = _Grid(slot, n_max, cut, None, masked, None)
+        if any(masked):
+            lengths = torch.tensor(sorted_counts)[:, None]
+            bucket_len = torch.cat([torch.full((z - a,), n) for a, z, n in cut])[:, None]
+            t = torch.arange(n_max)
+            pad = (t >= lengths) & (t < bucket_len)
+            grid.pad_rows = pad.view(-1).nonzero().squeeze(1) if bool(pad.any()) else None
+            bias = torch.full((b * n_max,), float("-inf"), dtype=groups[0].x.dtype)
+            for g in groups:
+                bias[grid.rows_of(g)] = g.size.log() if sized else 0.0
+            grid.key_bias = bias.view(b, n_max)
+        return grid
 
-    def _attend_runs(self, attn: Attention, qkv: torch.Tensor, counts: list[int], hv: int,
-                     bias: torch.Tensor | None, need_importance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention over runs of images with equal token counts (contiguous rows)."""
-        hd, outs, imps = attn.head_dim, [], []
-        start = 0
-        # Images arrive sorted by count, so equal counts are contiguous slices of rows.
-        for a, z, n in _runs(counts):
-            rows = slice(start, start + (z - a) * n)
-            start = rows.stop
-            q, k, v = qkv[rows].view(z - a, n, 3, hv, hd).permute(2, 0, 3, 1, 4)
-            mask = None if bias is None else bias[rows].view(z - a, 1, 1, n)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            outs.append(o.transpose(1, 2).reshape((z - a) * n, hv * hd))
+    def _attention(self, i: int, blk: Block, groups: list[_Group], grid: _Grid, heads: list[int],
+                   need_importance: bool, want_keys: bool = False
+                   ) -> tuple[list[_Group], torch.Tensor | None, torch.Tensor | None]:
+        """Residual attention for every group.
+
+        Also returns cls importance ``[slots, n_max - 1]`` if asked and, with ``want_keys``, the
+        keys averaged over the active heads' channels, per image ``[B, n_max]`` (garbage past
+        each image's count).
+        """
+        attn = blk.attn
+        hd, h_max, b = attn.head_dim, max(heads), len(heads)
+        normed = [self._norm(("norm1", i), blk.norm1, g.x) for g in groups]
+        # Fast path: one group holding every image in slot order with no padding needs no grid.
+        direct = (len(groups) == 1 and len(grid.buckets) == 1 and not grid.masked[0] and len(set(heads)) == 1
+                  and bool((grid.slot[groups[0].images] == torch.arange(b)).all()))
+        if direct:
+            qkv = F.linear(normed[0], *self._qkv(i, blk, groups[0].width, h_max))
+        else:
+            zero = h_max != attn.num_heads or len(set(heads)) > 1  # unused heads must be zero
+            qkv = (torch.zeros if zero else torch.empty)(b * grid.n_max, 3, h_max, hd, dtype=groups[0].x.dtype)
+            if grid.pad_rows is not None and not zero:
+                qkv.index_fill_(0, grid.pad_rows, 0.0)  # padded keys/values must be finite
+            for g, h in zip(groups, normed):
+                for hv, rows in self._by_heads(g, heads):
+                    out = F.linear(_take(h, rows), *self._qkv(i, blk, g.width, hv)).view(-1, 3, hv, hd)
+                    target = qkv if hv == h_max else qkv[:, :, :hv]
+                    target.index_copy_(0, _take(grid.rows_of(g), rows), out)
+        qkv = qkv.view(b, grid.n_max, 3, h_max, hd)
+        out = qkv.new_empty(b, grid.n_max, h_max, hd)
+        importance = qkv.new_zeros(b, grid.n_max - 1) if need_importance else None
+        head_count = torch.tensor(heads, dtype=qkv.dtype)[grid.slot.argsort()] if need_importance else None
+        for (a, z, n), masked in zip(grid.buckets, grid.masked):
+            q, k, v = qkv[a:z, :n].permute(2, 0, 3, 1, 4)
+            mask = grid.key_bias[a:z, None, None, :n] if masked else None
+            out[a:z, :n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
             if need_importance:
-                imps.append(self._cls_importance(attn, q, k, mask, n - 1))
-        imp = None
-        if need_importance:
-            width = max(t.shape[1] for t in imps)
-            imp = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in imps])
-        return torch.cat(outs) if len(outs) > 1 else outs[0], imp
-
-    def _attend_padded(self, attn: Attention, qkv: torch.Tensor, counts: list[int], hv: int,
-                       bias: torch.Tensor | None, need_importance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention with every image padded to the longest; padded keys get -inf."""
-        hd, g, n = attn.head_dim, len(counts), max(counts)
-        c = torch.tensor(counts)
-        valid = torch.arange(n) < c[:, None]  # [G, n]
-        padded = qkv.new_zeros(g, n, qkv.shape[1])
-        padded[valid] = qkv
-        key_bias = torch.zeros(g, n, dtype=qkv.dtype) if bias is None else qkv.new_zeros(g, n).masked_scatter(valid, bias)
-        mask = key_bias.masked_fill(~valid, float("-inf")).view(g, 1, 1, n)
-        q, k, v = padded.view(g, n, 3, hv, hd).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = o.transpose(1, 2).reshape(g, n, hv * hd)[valid]
-        imp = self._cls_importance(attn, q, k, mask, n - 1) if need_importance else None
-        return o, imp
+                importance[a:z, : n - 1] = _cls_importance(attn.scale, q, k, mask, head_count[a:z])
+        key_means = None
+        if want_keys:
+            k = qkv[:, :, 1]  # [slots, n_max, heads, hd]
+            if len(set(heads)) == 1:
+                per_slot = k.mean((-2, -1))
+            else:
+                head_count = torch.tensor(heads, dtype=qkv.dtype)[grid.slot.argsort()]
+                active = (torch.arange(h_max) < head_count[:, None]).to(qkv.dtype)
+                per_slot = (k.sum(-1) * active[:, None, :]).sum(-1) / (head_count[:, None] * hd)
+            key_means = per_slot[grid.slot]
+        out = out.view(b * grid.n_max, h_max * hd)
+        new_groups = []
+        for g in groups:
+            o = out if direct else out.index_select(0, grid.rows_of(g))
+            x = g.x
+            for hv, rows in self._by_heads(g, heads):
+                proj = F.linear(_take(o, rows)[:, : hv * hd], *self._proj(i, blk, g.width, hv))
+                x = x + proj if rows is None else x.index_add_(0, rows, proj)
+            new_groups.append(g.with_x(x))
+        return new_groups, importance, key_means
 
     @staticmethod
-    def _cls_importance(attn: Attention, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
-                        n_patch: int) -> torch.Tensor:
-        """Cls-row attention probabilities averaged over heads (only the one query row is computed)."""
-        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            logits = logits + mask
-        return logits.softmax(-1)[:, :, 0, 1 : 1 + n_patch].mean(1)
+    def _by_heads(g: _Group, heads: list[int]) -> list[tuple[int, torch.Tensor | None]]:
+        values = [heads[j] for j in g.images.tolist()]
+        if len(set(values)) == 1:
+            return [(values[0], None)]
+        return g.partition(values)
 
     # ------------------------------------------------------------------ token reduction
     def _reduce(self, g: _Group, importance: torch.Tensor, keep_k: torch.Tensor, merge_k: torch.Tensor) -> _Group:
-        """Reduce every image's tokens in one batched call, then re-sort images by their new counts.
+        """Reduce every image's tokens of the group in one batched call.
 
-        Images are padded to the longest (padding marked dead, so it is never kept or merged
-        into), reduced by the masked ops with one count per image, and the survivors compacted
-        back into packed rows (row-major order keeps each image's tokens together).
+        A group whose images all have equal counts before and after uses the physical ops (always
+        so for a batch sharing one plan). Otherwise images
+        are padded to the longest (padding marked dead, so it is never kept or merged into),
+        reduced by the masked ops with one count per image, and the survivors compacted back
+        into packed rows (row-major order keeps each image's tokens together).
         """
-        n_max = int(g.counts.max())
+        n_max, G = int(g.counts.max()), len(g.counts)
+        if not bool((merge_k < g.counts - 1).any()):
+            return g
+        if bool((g.counts == n_max).all() and (keep_k == keep_k[0]).all() and (merge_k == merge_k[0]).all()):
+            state = TokenState(g.x.view(G, n_max, -1), g.size.view(G, n_max))
+            state = token_ops.reduce(state, importance[:, : n_max - 1], int(keep_k[0]), int(merge_k[0]))
+            n = state.x.shape[1]
+            return _Group(g.images, torch.full((G,), n), state.x.reshape(G * n, -1), state.size.reshape(-1))
         valid = torch.arange(n_max) < g.counts[:, None]
-        x = g.x.new_zeros(len(g.counts), n_max, g.width)
+        x = g.x.new_zeros(G, n_max, g.width)
         x[valid] = g.x
-        size = g.size.new_ones(len(g.counts), n_max)
+        size = g.size.new_ones(G, n_max)
         size[valid] = g.size
         state = token_ops.reduce_masked(TokenState(x, size, alive=valid), importance[:, : n_max - 1], keep_k, merge_k)
-        counts = state.alive.sum(1)
-        x, size = state.x[state.alive], state.size[state.alive]
-        order = counts.sort(stable=True).indices
-        if bool((order != torch.arange(len(order))).any()):
-            rows = _rows(F.pad(counts.cumsum(0), (1, 0)), counts, order)
-            x, size = _take(x, rows), _take(size, rows)
-        return _Group(g.images[order], counts[order], x, size)
+        return _Group(g.images, state.alive.sum(1), state.x[state.alive], state.size[state.alive])
 
     # ------------------------------------------------------------------ MLP
-    def _mlp(self, blk: Block, g: _Group, hidden: list[int]) -> _Group:
-        h = blk.norm2(g.x)
-        if len(set(hidden)) == 1:
-            return g.with_x(g.x + blk.mlp(h, hidden[0]))
+    def _mlp(self, i: int, blk: Block, g: _Group, hidden: list[int]) -> _Group:
+        h = self._norm(("norm2", i), blk.norm2, g.x)
+        parts = [(hidden[0], None)] if len(set(hidden)) == 1 else g.partition(hidden)
         x = g.x
-        for m, rows in g.partition(hidden):
-            x = x.index_add_(0, rows, blk.mlp(h.index_select(0, rows), m))
+        for m, rows in parts:
+            w1, b1, w2, b2 = self._fc(i, blk, g.width, m)
+            out = F.linear(blk.mlp.act(F.linear(_take(h, rows), w1, b1)), w2, b2)
+            x = x + out if rows is None else x.index_add_(0, rows, out)
         return g.with_x(x)
 
+
+def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                    heads: torch.Tensor) -> torch.Tensor:
+    """Cls-row attention probabilities averaged over each image's active heads (the first ``heads``).
+
+    Only the one query row is computed; padded keys get probability 0 through the mask.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    probs = logits.softmax(-1)[:, :, 0, 1:]  # [G, H, n-1]
+    active = (torch.arange(q.shape[1]) < heads[:, None]).to(probs.dtype)[:, :, None]
+    return (probs * active).sum(1) / heads[:, None]

@@ -12,7 +12,7 @@ Methods, all on the same weights and the same input batches:
 * ``tome``          — :class:`~prance.tokens.ToMeReducer` with ``r`` matched to the target MACs;
 * ``static-subnet`` — one plan for every image (a sweep's YAML, or the closest uniform subnet);
 * ``prance``        — :class:`~prance.engine.DynamicExecutor` with one plan per image;
-* ``prance-padded`` — the same with ``attention="padded"``.
+* ``prance-padded`` — the same with ``attention="padded"`` (one attention call per block).
 
 Per-image plans come from a file or, until a trained selector exists, are *random per-image
 plans* selected so their mean MACs hit the target; the output says which.
@@ -325,7 +325,7 @@ def build_methods(
                 plans = random_plans(model, target, pool, seed=seed, keep_grid=keep_grid)
                 plans_label = RANDOM_PLANS_LABEL
             rows = plans.select(torch.arange(pool) % plans.batch_size) if plans.batch_size != pool else plans
-            engine = DynamicExecutor(model, "padded" if name == "prance-padded" else "grouped")
+            engine = DynamicExecutor(model, "padded" if name == "prance-padded" else "auto")
             out[name] = Method(name, lambda x, j, e=engine: e(x, batch_plans(j)), macs_per_sample(model, rows),
                                params_per_sample(model, rows), token_fraction(model, rows),
                                {"plans": plans_label, "attention": engine.attention,

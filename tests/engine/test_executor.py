@@ -13,7 +13,7 @@ def _plans(model: MetaViT, batch: int, seed: int, keep=(0.2, 1.0)) -> Plan:
     return Plan.random(model.config, model.space, batch, generator=g, keep_range=keep)
 
 
-@pytest.mark.parametrize("attention", ["grouped", "padded"])
+@pytest.mark.parametrize("attention", ["auto", "exact", "padded"])
 @pytest.mark.parametrize("seed", range(4))
 def test_engine_equals_masked_path_per_image(tiny, attention, seed):
     """Mixed widths, MLP widths, heads, prune and merge ratios: engine logits == masked logits."""
@@ -65,3 +65,67 @@ def test_engine_validates_inputs(tiny):
         DynamicExecutor(tiny, "sparse")
     with pytest.raises(PranceError, match="expected images"):
         DynamicExecutor(tiny)(torch.randn(1, 3, 8, 8))
+
+
+class _RecordingPolicy:
+    """A deterministic stand-in selector: decisions from the sign of cls features and the token count."""
+
+    def __init__(self, model: MetaViT) -> None:
+        self.model, self.states = model, []
+
+    def __call__(self, state):
+        self.states.append(state)
+        cfg, space = self.model.config, self.model.space
+        b, k = state.cls.shape[0], cfg.stage_depth
+        pick = (state.cls[:, :4] > 0).long().sum(1) + state.tokens  # per image, exact integers
+        plan = Plan.full(cfg).expand(b)
+        widths = plan.widths.clone()
+        widths[:, state.stage] = torch.tensor(space.widths)[pick % len(space.widths)]
+        ratios = plan.mlp_ratios.clone()
+        for j in range(k):
+            ratios[:, state.stage * k + j] = torch.tensor(space.mlp_ratios)[(pick + j) % len(space.mlp_ratios)]
+        keep = plan.keep.clone()
+        keep[:, state.stage] = 0.3 + 0.7 * ((pick % 5) / 4)
+        return Plan(widths, ratios, plan.heads, keep, plan.merge_keep)
+
+
+def test_policy_is_called_once_per_stage_and_its_plan_is_what_runs(tiny):
+    """One batched call per stage; the returned executed plan reproduces the logits on the masked path."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, 16, 16)
+    policy = _RecordingPolicy(tiny)
+    logits, plan = DynamicExecutor(tiny).run(x, policy=policy)
+    assert [s.stage for s in policy.states] == list(range(1, tiny.config.num_stages))
+    assert all(s.cls.shape == (10, tiny.config.embed_dim) and s.key_means.shape == (10, 17) for s in policy.states)
+    assert len(plan.groups()) > 1, "the stand-in policy should give a mixed batch"
+    with torch.inference_mode():
+        assert (logits - tiny(x, plan, mode="masked")).abs().max() <= 1e-4
+
+
+def test_policy_state_of_an_image_does_not_depend_on_its_batch(tiny):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 16, 16)
+    engine = DynamicExecutor(tiny)
+    together = _RecordingPolicy(tiny)
+    _, plan = engine.run(x, policy=together)
+    for i in range(6):
+        alone = _RecordingPolicy(tiny)
+        _, plan_i = engine.run(x[i : i + 1], policy=alone)
+        assert plan_i.key(0) == plan.key(i)
+        for s_all, s_one in zip(together.states, alone.states):
+            assert int(s_all.tokens[i]) == int(s_one.tokens[0]) and int(s_all.widths[i]) == int(s_one.widths[0])
+            assert (s_all.cls[i] - s_one.cls[0]).abs().max() <= 1e-5
+            assert (s_all.key_means[i] - s_one.key_means[0]).abs().max() <= 1e-5
+            n = int(s_one.tokens[0])
+            assert bool((s_one.key_means[0, n:] == 0).all()) and bool((s_one.key_means[0, :n] != 0).any())
+
+
+def test_plan_with_stage_replaces_only_that_stage(tiny):
+    cfg = tiny.config
+    base = Plan.full(cfg)
+    other = Plan.smallest(cfg, tiny.space)
+    mixed = base.with_stage(cfg, 2, other)
+    k = cfg.stage_depth
+    assert mixed.widths[0].tolist() == [cfg.embed_dim, cfg.embed_dim, other.widths[0, 2].item(), cfg.embed_dim]
+    assert mixed.mlp_ratios[0, 2 * k : 3 * k].tolist() == other.mlp_ratios[0, 2 * k : 3 * k].tolist()
+    assert mixed.mlp_ratios[0, k : 2 * k].tolist() == base.mlp_ratios[0, k : 2 * k].tolist()
