@@ -135,6 +135,17 @@ def buckets(counts: list[int], unit_macs: int, call_macs: float) -> list[tuple[i
     return out[::-1]
 
 
+def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
+             reduce: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Does every image run the next block identically (one width, count, heads, MLP width, reduction)?"""
+    if len(groups) > 1 or len(set(heads)) > 1 or len(set(hidden)) > 1:
+        return False
+    counts = groups[0].counts
+    if not bool((counts == counts[0]).all()):
+        return False
+    return reduce is None or all(bool((t == t[0]).all()) for t in reduce)
+
+
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
     return t if rows is None else t.index_select(0, rows)
@@ -199,8 +210,6 @@ class DynamicExecutor:
                 heads, hidden = plan.heads.tolist(), plan.mlp_hidden(cfg).tolist()
             if reduce_stage:
                 groups = self._regroup(groups, plan.widths[:, stage].tolist(), stage)
-            if grid is None:
-                grid = self._grid(groups, b, sized)
             reduce = None
             if reduce_stage:
                 counts = torch.empty(b, dtype=torch.int64)
@@ -211,20 +220,55 @@ class DynamicExecutor:
                 if bool((merge_k < counts - 1).any()):
                     reduce = (keep_k, merge_k)
             want_keys = policy is not None and first == cfg.stage_depth - 1 and stage < cfg.num_stages - 1
+            block_heads, block_hidden = [h[i] for h in heads], [h[i] for h in hidden]
+            if _uniform(groups, block_heads, block_hidden, reduce):
+                # Every image runs this block identically (always so at batch 1): plain sliced tensors.
+                groups, key_means = self._uniform_block(i, blk, groups[0], block_heads[0], block_hidden[0], reduce,
+                                                        sized, want_keys)
+                grid = None
+                if reduce is not None:
+                    sized = sized or bool((reduce[1] < reduce[0]).any())
+                continue
+            if grid is None:
+                grid = self._grid(groups, b, sized)
             groups, importance, key_means = self._attention(
-                i, blk, groups, grid, [h[i] for h in heads], reduce is not None, want_keys)
+                i, blk, groups, grid, block_heads, reduce is not None, want_keys)
             if reduce is not None:
                 keep_k, merge_k = reduce
                 sized = sized or bool((merge_k < keep_k).any())
                 groups = [self._reduce(g, importance[grid.slot[g.images]], keep_k[g.images], merge_k[g.images])
                           for g in groups]
                 grid = None
-            groups = [self._mlp(i, blk, g, [hidden[j][i] for j in g.images.tolist()]) for g in groups]
+            groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images.tolist()]) for g in groups]
         logits = x.new_empty(b, cfg.num_classes)
         for g in groups:
             cls = g.x[g.offsets()[:-1]]
             logits[g.images] = model.classify(model.norm(cls))
         return logits, plan
+
+    def _uniform_block(self, i: int, blk: Block, g: _Group, heads: int, hidden: int,
+                       reduce: tuple[torch.Tensor, torch.Tensor] | None, sized: bool, want_keys: bool
+                       ) -> tuple[list[_Group], torch.Tensor | None]:
+        """One block for a group whose images share counts, heads, MLP width and token reduction."""
+        attn, (n_img, n, w) = blk.attn, (len(g.counts), int(g.counts[0]), g.width)
+        x, size = g.x.view(n_img, n, w), g.size.view(n_img, n)
+        qkv = F.linear(self._norm(("norm1", i), blk.norm1, x), *self._qkv(i, blk, w, heads))
+        q, k, v = qkv.view(n_img, n, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        mask = size.log()[:, None, None, :] if sized else None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n_img, n, -1)
+        x = x + F.linear(o, *self._proj(i, blk, w, heads))
+        if reduce is not None:
+            importance = _cls_importance(attn.scale, q, k, mask, torch.full((n_img,), heads, dtype=x.dtype))
+            state = token_ops.reduce(TokenState(x, size), importance, int(reduce[0][0]), int(reduce[1][0]))
+            x, size, n = state.x, state.size, state.x.shape[1]
+        w1, b1, w2, b2 = self._fc(i, blk, w, hidden)
+        x = x + F.linear(blk.mlp.act(F.linear(self._norm(("norm2", i), blk.norm2, x), w1, b1)), w2, b2)
+        key_means = None
+        if want_keys:  # keys of this block, by batch image (the group may be a subset in any order)
+            key_means = k.new_empty(int(g.images.max()) + 1, k.shape[2])
+            key_means[g.images] = k.mean((1, 3))
+        out = _Group(g.images, torch.full((n_img,), n), x.reshape(n_img * n, w), size.reshape(-1))
+        return [out], key_means
 
     def _stage_state(self, stage: int, groups: list[_Group], key_means: torch.Tensor | None, b: int, n0: int
                      ) -> StageState:
@@ -266,7 +310,7 @@ class DynamicExecutor:
             m.fc1.weight[:hidden, :width], m.fc1.bias[:hidden], m.fc2.weight[:width, :hidden], m.fc2.bias[:width]))
 
     def _norm(self, key: tuple, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        w = x.shape[1]
+        w = x.shape[-1]
         weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
         return F.layer_norm(x, (w,), weight, bias, norm.eps)
 
