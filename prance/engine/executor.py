@@ -66,13 +66,17 @@ class _Group:
         """``[T]`` position in the group of each row's image."""
         return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
 
-    def partition(self, values: list[int]) -> list[tuple[int, torch.Tensor]]:
-        """``(value, rows)`` for each distinct per-image value, with one sort for all of them."""
+    def sort_rows(self, values: list[int]) -> tuple[list[int], torch.Tensor, list[int]]:
+        """Distinct per-image values (ascending), the rows sorted by their image's value, rows per value."""
         distinct, inverse = torch.tensor(values).unique(return_inverse=True)
         row_key = inverse[self.row_image()]
         order = row_key.sort(stable=True).indices
-        sizes = torch.bincount(row_key, minlength=len(distinct)).tolist()
-        return list(zip(distinct.tolist(), order.split(sizes)))
+        return distinct.tolist(), order, torch.bincount(row_key, minlength=len(distinct)).tolist()
+
+    def partition(self, values: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """``(value, rows)`` for each distinct per-image value, with one sort for all of them."""
+        distinct, order, sizes = self.sort_rows(values)
+        return list(zip(distinct, order.split(sizes)))
 
     def with_x(self, x: torch.Tensor) -> "_Group":
         return replace(self, x=x)
@@ -235,9 +239,12 @@ class DynamicExecutor:
                 i, blk, groups, grid, block_heads, reduce is not None, want_keys)
             if reduce is not None:
                 keep_k, merge_k = reduce
-                sized = sized or bool((merge_k < keep_k).any())
-                groups = [self._reduce(g, importance[grid.slot[g.images]], keep_k[g.images], merge_k[g.images])
-                          for g in groups]
+                if bool((merge_k == keep_k).all()):
+                    groups = self._prune(groups, grid, importance, keep_k)
+                else:
+                    sized = True
+                    groups = [self._reduce(g, importance[grid.slot[g.images]], keep_k[g.images], merge_k[g.images])
+                              for g in groups]
                 grid = None
             groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images.tolist()]) for g in groups]
         logits = x.new_empty(b, cfg.num_classes)
@@ -320,6 +327,7 @@ class DynamicExecutor:
 
         The map runs once per old group, at the largest new width any of its images needs; a
         narrower image takes the first columns of that output (first-k slicing makes it exact).
+        Each old group is permuted once so that every new width is a contiguous slice of it.
         """
         stage_map = self.model.stage_maps[stage - 1]
         pieces: dict[int, list[tuple[torch.Tensor, ...]]] = {}
@@ -328,15 +336,23 @@ class DynamicExecutor:
             wanted = targets.unique().tolist()
             changed = [w for w in wanted if w != g.width]
             mapped = stage_map(g.x, max(changed)) if changed else None
-            for w in wanted:
-                source = g.x if w == g.width else mapped[:, :w]
-                if len(wanted) == 1:
-                    pieces.setdefault(w, []).append((g.images, g.counts, source, g.size))
-                    continue
-                pos = (targets == w).nonzero().squeeze(1)
-                rows = _rows(g.offsets(), g.counts, pos)
-                pieces.setdefault(w, []).append((g.images[pos], g.counts[pos], source.index_select(0, rows),
-                                                 g.size.index_select(0, rows)))
+            if len(wanted) == 1:
+                w = wanted[0]
+                pieces.setdefault(w, []).append((g.images, g.counts, g.x if w == g.width else mapped, g.size))
+                continue
+            order = targets.sort(stable=True).indices
+            rows = _rows(g.offsets(), g.counts, order)
+            images, counts, size = g.images[order], g.counts[order], g.size.index_select(0, rows)
+            raw = g.x.index_select(0, rows) if g.width in wanted else None
+            mapped = mapped.index_select(0, rows)
+            n_images = torch.bincount(targets, minlength=max(wanted) + 1)[wanted].tolist()
+            n_rows = counts.split(n_images)
+            a = r = 0
+            for w, n_img, c in zip(wanted, n_images, n_rows):
+                n_row = int(c.sum())
+                xs = raw[r : r + n_row] if w == g.width else mapped[r : r + n_row, :w]
+                pieces.setdefault(w, []).append((images[a : a + n_img], c, xs, size[r : r + n_row]))
+                a, r = a + n_img, r + n_row
         out = []
         for parts in pieces.values():
             if len(parts) == 1:
@@ -438,6 +454,23 @@ class DynamicExecutor:
         return g.partition(values)
 
     # ------------------------------------------------------------------ token reduction
+    def _prune(self, groups: list[_Group], grid: _Grid, importance: torch.Tensor, keep_k: torch.Tensor
+               ) -> list[_Group]:
+        """Pruning only: rank every image's tokens at once on the grid, then gather each group's survivors."""
+        slot_counts = torch.empty_like(keep_k)
+        slot_counts[grid.slot] = keep_k
+        alive = torch.empty_like(keep_k)
+        for g in groups:
+            alive[grid.slot[g.images]] = g.counts - 1
+        n = grid.n_max - 1
+        kept = token_ops.top_alive(importance, torch.arange(n) < alive[:, None], slot_counts)
+        kept = torch.cat([kept.new_ones(len(kept), 1), kept], 1).view(-1)  # cls always stays
+        out = []
+        for g in groups:
+            rows = kept[grid.rows_of(g)].nonzero().squeeze(1)
+            out.append(_Group(g.images, keep_k[g.images] + 1, g.x.index_select(0, rows), g.size.index_select(0, rows)))
+        return out
+
     def _reduce(self, g: _Group, importance: torch.Tensor, keep_k: torch.Tensor, merge_k: torch.Tensor) -> _Group:
         """Reduce every image's tokens of the group in one batched call.
 
@@ -465,14 +498,21 @@ class DynamicExecutor:
 
     # ------------------------------------------------------------------ MLP
     def _mlp(self, i: int, blk: Block, g: _Group, hidden: list[int]) -> _Group:
+        """Residual MLP; rows are sorted by MLP width once, so each width runs on a contiguous slice."""
         h = self._norm(("norm2", i), blk.norm2, g.x)
-        parts = [(hidden[0], None)] if len(set(hidden)) == 1 else g.partition(hidden)
-        x = g.x
-        for m, rows in parts:
+        if len(set(hidden)) == 1:
+            w1, b1, w2, b2 = self._fc(i, blk, g.width, hidden[0])
+            return g.with_x(g.x + F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2))
+        values, order, sizes = g.sort_rows(hidden)
+        h = h.index_select(0, order)
+        out = torch.empty_like(h)
+        start = 0
+        for m, n in zip(values, sizes):
             w1, b1, w2, b2 = self._fc(i, blk, g.width, m)
-            out = F.linear(blk.mlp.act(F.linear(_take(h, rows), w1, b1)), w2, b2)
-            x = x + out if rows is None else x.index_add_(0, rows, out)
-        return g.with_x(x)
+            rows = slice(start, start + n)
+            torch.addmm(b2, F.gelu(F.linear(h[rows], w1, b1)), w2.t(), out=out[rows])
+            start += n
+        return g.with_x(g.x.index_add_(0, order, out))
 
 
 def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,

@@ -61,7 +61,7 @@ def topk_split(importance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return order[:, :k].sort(dim=-1).values, order[:, k:].sort(dim=-1).values
 
 
-def _ranked_keep(importance: torch.Tensor, alive: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_alive(importance: torch.Tensor, alive: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``[B, n]`` bool: the ``k[b]`` most important alive patch tokens of each sample."""
     order = _order(importance, alive)
     positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
@@ -184,7 +184,7 @@ def prune_masked(state: TokenState, importance: torch.Tensor, k: torch.Tensor | 
     """Masked :func:`prune`: per sample, all but cls and the ``k[b]`` most important alive patches die."""
     _check(state, importance, masked=True)
     k = _counts(k, state, "prune")
-    keep = _ranked_keep(importance, state.alive[:, 1:], k)
+    keep = top_alive(importance, state.alive[:, 1:], k)
     return TokenState(state.x, state.size, state.source, torch.cat([state.alive[:, :1], keep], 1))
 
 
@@ -196,7 +196,7 @@ def merge_masked(state: TokenState, importance: torch.Tensor, k: torch.Tensor | 
     _check(state, importance, masked=True)
     k = _counts(k, state, "merge")
     alive = state.alive[:, 1:]
-    keep = _ranked_keep(importance, alive, k)
+    keep = top_alive(importance, alive, k)
     drop = alive & ~keep
     x, size = state.x[:, 1:], state.size[:, 1:]
     sim = _cosine(x, x).masked_fill(~keep[:, None, :], float("-inf"))

@@ -5,7 +5,7 @@ import torch
 
 from prance import MetaViT, Plan, PranceError
 from prance.engine import DynamicExecutor
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_space
 
 
 def _plans(model: MetaViT, batch: int, seed: int, keep=(0.2, 1.0)) -> Plan:
@@ -24,6 +24,18 @@ def test_engine_equals_masked_path_per_image(tiny, attention, seed):
         got = DynamicExecutor(tiny, attention)(x, plan)
         want = tiny(x, plan, mode="masked")
     assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("token_mode", ["prune", "merge"])
+def test_engine_equals_masked_path_for_each_token_mode(token_mode):
+    """Prune-only stages take the engine's batch-wide pruning path; merge-only ones the masked reduction."""
+    torch.manual_seed(5)
+    cfg = tiny_config()
+    model = MetaViT(cfg, tiny_space(cfg, token_mode=token_mode)).eval()
+    x = torch.randn(16, 3, 16, 16)
+    plan = _plans(model, 16, seed=11, keep=(0.1, 1.0))
+    with torch.inference_mode():
+        assert (DynamicExecutor(model)(x, plan) - model(x, plan, mode="masked")).abs().max() <= 1e-4
 
 
 def test_engine_batch_of_one_and_shared_plan(tiny):
