@@ -143,14 +143,23 @@ def search_static_plan(model: MetaViT, target: float) -> Plan:
 
 
 def random_plans(model: MetaViT, target: float, size: int, seed: int = 0, keep_grid: float | None = None,
-                 oversample: int = 32) -> Plan:
+                 oversample: int = 32, distinct: int | None = None) -> Plan:
     """``size`` random per-image plans whose mean MACs are ``target`` × dense (as near as possible).
 
     Draws ``oversample × size`` plans of :meth:`Plan.random` (keep ratios uniform in
     ``[min_keep, 1]``, snapped to ``keep_grid`` if given), then selects ``size`` of them by
     exponentially tilted sampling without replacement (the tilt is bisected until the mean
     matches) and polishes the mean with single swaps. Stand-in for a trained selector.
+
+    ``distinct = K`` draws only K such plans and deals them out to the ``size`` images in a
+    random order (as evenly as possible): a selector whose decisions are less diverse.
     """
+    if distinct is not None:
+        if not 1 <= distinct <= size:
+            raise PranceError(f"distinct plans must be between 1 and the pool size {size}, got {distinct}")
+        few = random_plans(model, target, distinct, seed, keep_grid, oversample)
+        g = torch.Generator().manual_seed(seed + 1)
+        return few.select((torch.arange(size) % distinct)[torch.randperm(size, generator=g)])
     cfg, space = model.config, model.space
     if keep_grid is not None:
         space = replace(space, keep_grid=keep_grid)
@@ -256,6 +265,8 @@ class MethodOptions:
     """Per-image plans for the PRANCE methods (default: random plans at the target)."""
     plans_label: str | None = None
     keep_grid: float | None = None
+    distinct_plans: int | None = None
+    """Random plans only: deal out this many distinct plans instead of one per image."""
 
 
 def build_methods(
@@ -322,8 +333,10 @@ def build_methods(
                    {"plan": plan.to_dict(), "source": label})
         elif name in ("prance", "prance-padded"):
             if plans is None:
-                plans = random_plans(model, target, pool, seed=seed, keep_grid=keep_grid)
+                plans = random_plans(model, target, pool, seed=seed, keep_grid=keep_grid, distinct=o.distinct_plans)
                 plans_label = RANDOM_PLANS_LABEL
+                if o.distinct_plans is not None:
+                    plans_label += f", {o.distinct_plans} distinct plans dealt out to the images"
             rows = plans.select(torch.arange(pool) % plans.batch_size) if plans.batch_size != pool else plans
             engine = DynamicExecutor(model, "padded" if name == "prance-padded" else "auto")
             out[name] = Method(name, lambda x, j, e=engine: e(x, batch_plans(j)), macs_per_sample(model, rows),
@@ -419,6 +432,7 @@ def benchmark(
         images = images[torch.arange(pool) % len(images)].contiguous()
         images_label = images_label or f"{len(images)} pre-loaded images"
 
+    allocator = steady_allocator()
     layout: dict[str, list[Plan]] = {"plans": []}  # per-image plans of each batch, for the current batch size
     built = build_methods(model, methods, pool, target_macs, lambda j: layout["plans"][j], options, seed=seed)
     reference = "dense-timm" if "dense-timm" in built else "dense"
@@ -449,7 +463,35 @@ def benchmark(
         rows.extend(batch_rows)
     meta = _meta(model, model_label, built, reference, batch_sizes, target_macs, runs, warmup, rounds, pool,
                  images_label, seed, command, load_before, time.perf_counter() - started)
+    meta["allocator"] = allocator
     return {"meta": meta, "rows": rows}
+
+
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator() -> str:
+    """Keep freed memory for reuse, so no method is timed paging fresh memory in (glibc only).
+
+    By default glibc hands blocks above a moving threshold back to the kernel on free, and the
+    next call of the same size page-faults them in again. That costs the dense baselines, with
+    their large activations, up to 20 % of their time on this CPU and makes them noisy.
+    Raising the mmap and trim thresholds (as ``GLIBC_TUNABLES`` would) keeps every method on
+    warm memory. Returns what was done, for the result's metadata.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.libc_ver()[0] != "glibc":
+        return "system default (not glibc)"
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc, mmap/trim thresholds raised to 256 MiB / 1 GiB" if ok else "glibc default (mallopt failed)"
 
 
 def _time_methods(methods: list[Method], xs: list[torch.Tensor], runs: int, warmup: int,
@@ -602,6 +644,8 @@ def format_table(result: dict[str, Any]) -> str:
     if per_image:
         out.append(f"* {', '.join(per_image)}: {settings[per_image[0]]['plans']}")
     out.append(f"inputs: {meta['inputs']}; load average {meta['loadavg_before']} -> {meta['loadavg_after']}")
+    if "allocator" in meta:
+        out.append(f"allocator: {meta['allocator']}")
     return "\n".join(out)
 
 
@@ -676,6 +720,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "plans at the target MACs)")
     p.add_argument("--keep-grid", type=float, default=None,
                    help="snap random per-image keep ratios to this step (default: the search space's)")
+    p.add_argument("--distinct-plans", type=int, default=None, metavar="K",
+                   help="random plans: deal out only K distinct plans (how speed depends on the diversity of "
+                        "per-image decisions; default: every image its own)")
     p.add_argument("--pool", type=int, default=None,
                    help="images (and per-image plans) cycled through (default: max(64, largest batch))")
     p.add_argument("--data", default=None, help="time on real images: fashion-mnist or folder (default: random)")
@@ -743,6 +790,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
         raise PranceError(f"--pool {args.pool} must be at least the largest batch size ({max(batch_sizes)})")
     if args.keep_grid is not None and not 0 < args.keep_grid <= 1:
         raise PranceError(f"--keep-grid must be in (0, 1], got {args.keep_grid}")
+    if args.distinct_plans is not None and args.plans is not None:
+        raise PranceError("--distinct-plans applies to random plans only; drop it or --plans")
     out = check_writable_dir(args.out)
     model, label = load_model(args.checkpoint, args.timm, args.preset, num_heads=args.num_heads)
     pool = args.pool or max(64, *batch_sizes)
@@ -759,7 +808,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
                        runs=args.runs, warmup=args.warmup, rounds=args.rounds, images=images,
                        images_label=images_label, pool=pool,
                        options=MethodOptions(args.evit_keep, args.tome_r, static_plan, static_label, plans,
-                                             plans_label, args.keep_grid),
+                                             plans_label, args.keep_grid, args.distinct_plans),
                        seed=args.seed, model_label=label, command=command, log=log)
     print(format_table(result))
     json_path, png_path = write_outputs(result, out)

@@ -95,6 +95,21 @@ def test_random_per_image_plans_average_the_target_and_are_labelled(model, resul
     assert "random per-image plans" in format_table(result)
 
 
+def test_allocator_setting_is_recorded(result):
+    assert result["meta"]["allocator"].startswith("glibc, mmap/trim thresholds raised")
+    assert "allocator:" in format_table(result)
+
+
+def test_distinct_plans_are_dealt_out_evenly_at_the_target(model):
+    plans = random_plans(model, TARGET, 32, seed=2, distinct=4)
+    groups = plans.groups()
+    assert sorted(len(g) for g in groups) == [8, 8, 8, 8]
+    fractions = bench.macs_per_sample(model, plans).double() / count_macs(model)
+    assert float(fractions.mean()) == pytest.approx(TARGET, abs=0.02)
+    with pytest.raises(PranceError, match="distinct plans"):
+        random_plans(model, TARGET, 8, distinct=9)
+
+
 def test_select_mean_hits_a_reachable_target():
     values = torch.linspace(0, 1, 200, dtype=torch.float64)
     for target in (0.2, 0.5, 0.9):
