@@ -142,6 +142,8 @@ def buckets(counts: list[int], unit_macs: int, call_macs: float) -> list[tuple[i
 def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
              reduce: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
     """Does every image run the next block identically (one width, count, heads, MLP width, reduction)?"""
+    if len(heads) == 1:
+        return True
     if len(groups) > 1 or len(set(heads)) > 1 or len(set(hidden)) > 1:
         return False
     counts = groups[0].counts
@@ -265,11 +267,11 @@ class DynamicExecutor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n_img, n, -1)
         x = x + F.linear(o, *self._proj(i, blk, w, heads))
         if reduce is not None:
-            importance = _cls_importance(attn.scale, q, k, mask, torch.full((n_img,), heads, dtype=x.dtype))
+            importance = _cls_importance(attn.scale, q, k, mask)
             state = token_ops.reduce(TokenState(x, size), importance, int(reduce[0][0]), int(reduce[1][0]))
             x, size, n = state.x, state.size, state.x.shape[1]
         w1, b1, w2, b2 = self._fc(i, blk, w, hidden)
-        x = x + F.linear(blk.mlp.act(F.linear(self._norm(("norm2", i), blk.norm2, x), w1, b1)), w2, b2)
+        x = x + F.linear(F.gelu(F.linear(self._norm(("norm2", i), blk.norm2, x), w1, b1)), w2, b2)
         key_means = None
         if want_keys:  # keys of this block, by batch image (the group may be a subset in any order)
             key_means = k.new_empty(int(g.images.max()) + 1, k.shape[2])
@@ -516,14 +518,16 @@ class DynamicExecutor:
 
 
 def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
-                    heads: torch.Tensor) -> torch.Tensor:
-    """Cls-row attention probabilities averaged over each image's active heads (the first ``heads``).
-
-    Only the one query row is computed; padded keys get probability 0 through the mask.
+                    heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Cls-row attention probabilities averaged over each image's active heads (the first ``heads``;
+    all of them for None). Only the one query row is computed; padded keys get probability 0
+    through the mask.
     """
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
     if mask is not None:
         logits = logits + mask
     probs = logits.softmax(-1)[:, :, 0, 1:]  # [G, H, n-1]
+    if heads is None or bool((heads == q.shape[1]).all()):
+        return probs.mean(1)
     active = (torch.arange(q.shape[1]) < heads[:, None]).to(probs.dtype)[:, :, None]
     return (probs * active).sum(1) / heads[:, None]
