@@ -8,6 +8,7 @@ from prance.engine import DynamicExecutor
 from prance.errors import PranceError
 from prance.model import MetaViT, create_model, from_timm, to_timm_state_dict
 from prance.plan import Plan
+from prance.policy import StagePolicy, StageState
 
 __all__ = [
     "__version__",
@@ -16,6 +17,8 @@ __all__ = [
     "Plan",
     "PranceError",
     "SearchSpace",
+    "StagePolicy",
+    "StageState",
     "ViTConfig",
     "count_macs",
     "count_params",
