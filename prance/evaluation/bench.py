@@ -403,8 +403,12 @@ def benchmark(
     model_label: str = "model",
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    profile_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Time every method at every batch size; returns ``{"meta": {...}, "rows": [...]}``.
+
+    With ``profile_dir``, each method is also run under ``torch.profiler`` after its timing
+    and the operators it spent its time in are written to ``profile-<method>-b<batch>.txt``.
 
     ``images`` (pre-loaded, ``[N, C, H, W]``) are cycled through; without them random
     normal images are made. ``pool`` images (default: at least 64 and the largest batch)
@@ -461,6 +465,10 @@ def benchmark(
             log(f"  {row['method']:>14}: {row['ms_median']:9.2f} ms/batch  speed-up {row['speedup']:.2f}x "
                 f"(ideal {row['ideal_speedup']:.2f}x)")
         rows.extend(batch_rows)
+        if profile_dir is not None:
+            for name, m in built.items():
+                path = write_profile(m, xs, Path(profile_dir) / f"profile-{name}-b{b}.txt", calls=max(1, min(runs, 5)))
+                log(f"  profile of {name} -> {path}")
     meta = _meta(model, model_label, built, reference, batch_sizes, target_macs, runs, warmup, rounds, pool,
                  images_label, seed, command, load_before, time.perf_counter() - started)
     meta["allocator"] = allocator
@@ -492,6 +500,27 @@ def steady_allocator() -> str:
     except (OSError, AttributeError):
         ok = False
     return "glibc, mmap/trim thresholds raised to 256 MiB / 1 GiB" if ok else "glibc default (mallopt failed)"
+
+
+def write_profile(method: Method, xs: list[torch.Tensor], path: Path, calls: int = 5, rows: int = 25) -> Path:
+    """Where ``method``'s time goes: torch.profiler operator totals over ``calls`` calls, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        method.forward(xs[0], 0)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for k in range(calls):
+                method.forward(xs[k % len(xs)], k % len(xs))
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"{method.name}: {calls} call(s), {total / calls / 1e3:.2f} ms of operator self time per call "
+             "(profiler overhead included)", "", f"{'operator':<52} {'ms/call':>9} {'share':>7} {'calls/call':>11}"]
+    for e in events[:rows]:
+        lines.append(f"{e.key[:52]:<52} {e.self_cpu_time_total / calls / 1e3:9.3f} "
+                     f"{e.self_cpu_time_total / max(total, 1):7.1%} {e.count / calls:11.1f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _time_methods(methods: list[Method], xs: list[torch.Tensor], runs: int, warmup: int,
@@ -723,6 +752,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distinct-plans", type=int, default=None, metavar="K",
                    help="random plans: deal out only K distinct plans (how speed depends on the diversity of "
                         "per-image decisions; default: every image its own)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write profile-<method>-b<batch>.txt: the operators each method spends its time in")
     p.add_argument("--pool", type=int, default=None,
                    help="images (and per-image plans) cycled through (default: max(64, largest batch))")
     p.add_argument("--data", default=None, help="time on real images: fashion-mnist or folder (default: random)")
@@ -809,7 +840,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
                        images_label=images_label, pool=pool,
                        options=MethodOptions(args.evit_keep, args.tome_r, static_plan, static_label, plans,
                                              plans_label, args.keep_grid, args.distinct_plans),
-                       seed=args.seed, model_label=label, command=command, log=log)
+                       seed=args.seed, model_label=label, command=command, log=log,
+                       profile_dir=out if args.profile else None)
     print(format_table(result))
     json_path, png_path = write_outputs(result, out)
     print(f"wrote {json_path} and {png_path}")
@@ -821,9 +853,9 @@ def _command_line(args: argparse.Namespace) -> str:
 
     words = ["prance", "bench"]
     for dest, value in vars(args).items():
-        if dest in ("func", "command", "debug") or value is None:
+        if dest in ("func", "command", "debug") or value is None or value is False:
             continue
-        words += [f"--{dest.replace('_', '-')}", str(value)]
+        words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return shlex.join(words)
 
 

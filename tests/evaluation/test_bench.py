@@ -198,13 +198,16 @@ def test_models_load_from_a_timm_file_and_a_prance_checkpoint(tmp_path):
 def test_command_line_end_to_end(tmp_path, capsys, one_thread):
     code = main(["bench", "--preset", "fmnist-micro", "--batch-sizes", "2", "--runs", "1", "--warmup", "0",
                        "--pool", "2", "--threads", "1", "--methods", "dense-timm,dense,evit,prance",
-                       "--out", str(tmp_path)])
+                       "--profile", "--out", str(tmp_path)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "prance*" in printed and "random per-image plans" in printed
     meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
     assert meta["threads"] == 1 and meta["command"].startswith("prance bench --preset fmnist-micro")
+    assert "--profile" in meta["command"].split() and "--profile False" not in meta["command"]
     assert (tmp_path / "bench.png").is_file()
+    profile = (tmp_path / "profile-prance-b2.txt").read_text()
+    assert "ms of operator self time per call" in profile and "aten::" in profile
 
 
 @pytest.mark.parametrize("argv, message", [
