@@ -152,6 +152,14 @@ def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
     return reduce is None or all(bool((t == t[0]).all()) for t in reduce)
 
 
+def _token_counts(groups: list[_Group], b: int) -> torch.Tensor:
+    """``[B]`` tokens (cls included) of every batch image."""
+    counts = torch.empty(b, dtype=torch.int64)
+    for g in groups:
+        counts[g.images] = g.counts
+    return counts
+
+
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
     return t if rows is None else t.index_select(0, rows)
@@ -218,9 +226,7 @@ class DynamicExecutor:
                 groups = self._regroup(groups, plan.widths[:, stage].tolist(), stage)
             reduce = None
             if reduce_stage:
-                counts = torch.empty(b, dtype=torch.int64)
-                for g in groups:
-                    counts[g.images] = g.counts
+                counts = _token_counts(groups, b)
                 keep_k = kept_count(counts - 1, plan.keep[:, stage])
                 merge_k = kept_count(keep_k, plan.merge_keep[:, stage])
                 if bool((merge_k < counts - 1).any()):
@@ -283,11 +289,9 @@ class DynamicExecutor:
                      ) -> StageState:
         d = self.model.config.embed_dim
         cls = groups[0].x.new_zeros(b, d)
-        tokens = torch.empty(b, dtype=torch.int64)
-        widths = torch.empty(b, dtype=torch.int64)
+        tokens, widths = _token_counts(groups, b), torch.empty(b, dtype=torch.int64)
         for g in groups:
             cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
-            tokens[g.images] = g.counts
             widths[g.images] = g.width
         means = cls.new_zeros(b, n0)
         if key_means is not None:
@@ -366,9 +370,7 @@ class DynamicExecutor:
     # ------------------------------------------------------------------ attention
     def _grid(self, groups: list[_Group], b: int, sized: bool) -> _Grid:
         """Sort all images by token count into one grid and cut it into buckets."""
-        counts = torch.empty(b, dtype=torch.int64)
-        for g in groups:
-            counts[g.images] = g.counts
+        counts = _token_counts(groups, b)
         order = counts.sort(stable=True).indices
         slot = torch.empty_like(order)
         slot[order] = torch.arange(b)
@@ -462,8 +464,7 @@ class DynamicExecutor:
         slot_counts = torch.empty_like(keep_k)
         slot_counts[grid.slot] = keep_k
         alive = torch.empty_like(keep_k)
-        for g in groups:
-            alive[grid.slot[g.images]] = g.counts - 1
+        alive[grid.slot] = _token_counts(groups, len(keep_k)) - 1
         n = grid.n_max - 1
         kept = token_ops.top_alive(importance, torch.arange(n) < alive[:, None], slot_counts)
         kept = torch.cat([kept.new_ones(len(kept), 1), kept], 1).view(-1)  # cls always stays
