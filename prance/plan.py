@@ -213,26 +213,27 @@ class Plan:
             t = getattr(self, name)
             if t.dim() != 2 or t.shape[1] != n or t.shape[0] != self.batch_size:
                 raise PranceError(f"plan field {name} has shape {tuple(t.shape)}, expected [B, {n}]")
-        _check_in(self.widths[:, 1:], space.widths, "width", "search-space widths")
-        if (self.widths[:, 0] != config.embed_dim).any():
+        # Plain Python on the values: a few hundred numbers check faster than a dozen tensor ops.
+        widths, ratios, heads, keep, merge_keep = (getattr(self, name).tolist() for name in _KEYS)
+        _check_in([w[1:] for w in widths], space.widths, "width", "search-space widths")
+        if any(w[0] != config.embed_dim for w in widths):
             raise PranceError(f"stage 0 always runs at full width {config.embed_dim}; fix the plan")
-        _check_in(self.mlp_ratios[:, k:], space.mlp_ratios, "MLP ratio", "search-space MLP ratios")
-        if (self.mlp_ratios[:, :k] != config.mlp_ratio).any():
+        _check_in([r[k:] for r in ratios], space.mlp_ratios, "MLP ratio", "search-space MLP ratios")
+        if any(v != config.mlp_ratio for r in ratios for v in r[:k]):
             raise PranceError(f"stage 0 always runs at MLP ratio {config.mlp_ratio}; fix the plan")
         allowed_heads = space.heads if space.elastic_heads else (config.num_heads,)
-        _check_in(self.heads[:, k:], allowed_heads, "head count",
+        _check_in([h[k:] for h in heads], allowed_heads, "head count",
                   "search-space heads (enable elastic_heads to vary them)")
-        if (self.heads[:, :k] != config.num_heads).any():
+        if any(v != config.num_heads for h in heads for v in h[:k]):
             raise PranceError(f"stage 0 always runs all {config.num_heads} heads; fix the plan")
-        for name in ("keep", "merge_keep"):
-            t = getattr(self, name)
-            if not torch.isfinite(t).all() or (t <= 0).any() or (t > 1).any():
-                raise PranceError(f"{name} ratios must be in (0, 1], got {t.flatten().tolist()[:8]}")
-            if (t[:, 0] != 1).any():
+        for name, rows in (("keep", keep), ("merge_keep", merge_keep)):
+            if not all(0 < v <= 1 for row in rows for v in row):  # also False for NaN
+                raise PranceError(f"{name} ratios must be in (0, 1], got {[v for row in rows for v in row][:8]}")
+            if any(row[0] != 1 for row in rows):
                 raise PranceError(f"stage 0 keeps every token: {name}[0] must be 1")
-        if space.token_mode == "prune" and (self.merge_keep != 1).any():
+        if space.token_mode == "prune" and any(v != 1 for row in merge_keep for v in row):
             raise PranceError("token mode 'prune' takes no merge_keep ratios; use token_mode 'prune_merge'")
-        if space.token_mode == "merge" and (self.keep != 1).any():
+        if space.token_mode == "merge" and any(v != 1 for row in keep for v in row):
             raise PranceError("token mode 'merge' takes merge_keep, not keep; use token_mode 'prune_merge'")
         object.__setattr__(self, "_valid_for", (config, space))
         return self
@@ -282,8 +283,7 @@ def _min_heads(config: ViTConfig, space: SearchSpace) -> int:
     return space.heads[0] if space.elastic_heads else config.num_heads
 
 
-def _check_in(t: torch.Tensor, allowed: Sequence[Any], what: str, where: str) -> None:
-    ok = torch.isin(t, torch.tensor(list(allowed), dtype=t.dtype))
-    if not ok.all():
-        bad = sorted(set(t[~ok].tolist()))
-        raise PranceError(f"{what} {bad} is outside the search space; use one of the {where} {list(allowed)}")
+def _check_in(rows: list[list[Any]], allowed: Sequence[Any], what: str, where: str) -> None:
+    bad = {v for row in rows for v in row} - set(allowed)
+    if bad:
+        raise PranceError(f"{what} {sorted(bad)} is outside the search space; use one of the {where} {list(allowed)}")
