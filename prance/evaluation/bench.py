@@ -17,6 +17,11 @@ Methods, all on the same weights and the same input batches:
 Per-image plans come from a file or, until a trained selector exists, are *random per-image
 plans* selected so their mean MACs hit the target; the output says which.
 
+Before timing, glibc's allocator is told to keep freed memory (:func:`steady_allocator`), so
+no method pays page faults for its activations; ``--profile`` adds, per method and batch
+size, the operators the time went to. ``--distinct-plans K`` deals out only K random plans,
+to show how the engine's speed depends on how diverse the per-image decisions are.
+
 Timed runs are split into ``rounds``: in each round every method runs its share of timed calls
 back to back (after one untimed call that re-warms the caches), and the method order rotates.
 On a shared machine this keeps slow drifts in load from biasing one method, so the
