@@ -54,6 +54,7 @@ class _Group:
     x: torch.Tensor  # [T, w] packed tokens
     size: torch.Tensor  # [T] tokens' sizes (patches they stand for)
     grid_rows: torch.Tensor | None = None  # [T] row of each token in the attention grid (cached)
+    counts_cache: list[int] | None = None  # counts as a list (cached)
 
     @property
     def width(self) -> int:
@@ -61,6 +62,11 @@ class _Group:
 
     def offsets(self) -> torch.Tensor:
         return F.pad(self.counts.cumsum(0), (1, 0))
+
+    def counts_list(self) -> list[int]:
+        if self.counts_cache is None:
+            self.counts_cache = self.counts.tolist()
+        return self.counts_cache
 
     def row_image(self) -> torch.Tensor:
         """``[T]`` position in the group of each row's image."""
@@ -150,6 +156,18 @@ def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
     if not bool((counts == counts[0]).all()):
         return False
     return reduce is None or all(bool((t == t[0]).all()) for t in reduce)
+
+
+def _runs(values: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(value, first row, end row)`` of each run of consecutive images with equal values."""
+    runs, row = [], 0
+    for v, c in zip(values, counts):
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1], row + c)
+        else:
+            runs.append((v, row, row + c))
+        row += c
+    return runs
 
 
 def _token_counts(groups: list[_Group], b: int) -> torch.Tensor:
@@ -506,16 +524,20 @@ class DynamicExecutor:
         if len(set(hidden)) == 1:
             w1, b1, w2, b2 = self._fc(i, blk, g.width, hidden[0])
             return g.with_x(g.x + F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2))
-        values, order, sizes = g.sort_rows(hidden)
-        h = h.index_select(0, order)
+        # Images' rows are contiguous, so runs of images with equal MLP width are already slices;
+        # when there are many more runs than widths, one sorted copy makes each width one slice.
+        runs = _runs(hidden, g.counts_list())
+        order = None
+        if len(runs) > len(set(hidden)) + 2:
+            values, order, sizes = g.sort_rows(hidden)
+            h = h.index_select(0, order)
+            ends = torch.tensor(sizes).cumsum(0).tolist()
+            runs = [(m, e - n, e) for m, n, e in zip(values, sizes, ends)]
         out = torch.empty_like(h)
-        start = 0
-        for m, n in zip(values, sizes):
+        for m, a, z in runs:
             w1, b1, w2, b2 = self._fc(i, blk, g.width, m)
-            rows = slice(start, start + n)
-            torch.addmm(b2, F.gelu(F.linear(h[rows], w1, b1)), w2.t(), out=out[rows])
-            start += n
-        return g.with_x(g.x.index_add_(0, order, out))
+            torch.addmm(b2, F.gelu(F.linear(h[a:z], w1, b1)), w2.t(), out=out[a:z])
+        return g.with_x(g.x + out if order is None else g.x.index_add_(0, order, out))
 
 
 def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
