@@ -5,7 +5,10 @@ runs as a few large matrix products:
 
 * images sharing a residual width form a *width group* for the whole stage; their tokens are
   packed into one ``[tokens, width]`` matrix (no padding), so LayerNorm, QKV, projection and
-  the MLP run once per group (per distinct heads / MLP width inside it);
+  the MLP run once per group (per distinct heads / MLP width inside it). When a group would
+  be too small to pay for its own calls, its images join a wider group instead, their
+  channels zero-padded and masked (exact, at the price of some wasted MACs; a cost model
+  with ``group_call_macs`` decides);
 * attention needs per-image structure but not the residual width (its q, k, v have
   ``heads × head_dim`` channels), so it runs across width groups: every image's q, k, v go
   into one token grid, images sorted by token count and cut into *buckets*; a bucket is one
@@ -44,6 +47,12 @@ _CALL_MACS = {"exact": 0.0, "padded": float("inf")}
 #: ~16 GMAC/s a CPU core reaches on small attention problems (measured on the dev machine).
 DEFAULT_ATTENTION_CALL_MACS = 2.5e5
 
+#: Fixed price, per block, of running one more width group: its ~20 extra calls plus the
+#: lower speed of smaller matrix products, about 0.7 ms at ~30 GMAC/s. Calibrated on the dev
+#: machine with `prance bench`: fmnist-tiny gains from merging its width groups, DeiT-T does not.
+#: Narrower images join a wider group, zero-padded, when that is cheaper.
+DEFAULT_GROUP_CALL_MACS = 2.0e7
+
 
 @dataclass
 class _Group:
@@ -53,8 +62,25 @@ class _Group:
     counts: torch.Tensor  # [G] tokens per image (cls included)
     x: torch.Tensor  # [T, w] packed tokens
     size: torch.Tensor  # [T] tokens' sizes (patches they stand for)
+    img_w: torch.Tensor | None = None  # [G] each image's own width if some run narrower than the group (padded)
     grid_rows: torch.Tensor | None = None  # [T] row of each token in the attention grid (cached)
     counts_cache: list[int] | None = None  # counts as a list (cached)
+    mask_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.img_w is not None
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mixed group's ``[T, 1]`` active width and ``[T, w]`` channel mask of every row (cached)."""
+        if self.mask_cache is None:
+            wr = torch.repeat_interleave(self.img_w, self.counts)[:, None]
+            self.mask_cache = wr.to(self.x.dtype), (torch.arange(self.width) < wr).to(self.x.dtype)
+        return self.mask_cache
+
+    def widths(self) -> torch.Tensor:
+        """``[G]`` each image's own residual width."""
+        return self.img_w if self.mixed else torch.full((len(self.counts),), self.width)
 
     @property
     def width(self) -> int:
@@ -111,38 +137,38 @@ class _Grid:
         return g.grid_rows
 
 
+def cheapest_cut(k: int, cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
+    """Split ``0..k`` into contiguous segments ``(a, z)`` minimising the sum of ``cost(a, z)`` (DP)."""
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
+    for z in range(1, k + 1):
+        for a in range(z):
+            c = best[a] + cost(a, z)
+            if c < best[z]:
+                best[z], cut[z] = c, a
+    out, z = [], k
+    while z > 0:
+        out.append((cut[z], z))
+        z = cut[z]
+    return out[::-1]
+
+
 def buckets(counts: list[int], unit_macs: int, call_macs: float) -> list[tuple[int, int, int]]:
     """Cut ascending ``counts`` into contiguous buckets ``(start, end, longest)`` of least cost.
 
     A bucket costs ``call_macs`` (the price of one more attention call) plus its images padded
-    to its longest, ``images × longest² × unit_macs``; dynamic programming over the distinct
-    counts finds the cheapest cut. ``call_macs = 0`` pads nothing (equal counts only), ``inf``
-    gives one bucket.
+    to its longest, ``images × longest² × unit_macs``. ``call_macs = 0`` pads nothing (equal
+    counts only), ``inf`` gives one bucket.
     """
     if call_macs == float("inf"):
         return [(0, len(counts), counts[-1])] if counts else []
-    values, ends = [], []  # distinct counts and the end index of each one's run
+    values, starts = [], []  # distinct counts and where each one's run starts
     for i, c in enumerate(counts):
-        if values and values[-1] == c:
-            ends[-1] = i + 1
-        else:
+        if not values or values[-1] != c:
             values.append(c)
-            ends.append(i + 1)
-    k = len(values)
-    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
-    for z in range(1, k + 1):
-        per_image = values[z - 1] ** 2 * unit_macs
-        for a in range(z):
-            start = ends[a - 1] if a else 0
-            cost = best[a] + call_macs + (ends[z - 1] - start) * per_image
-            if cost < best[z]:
-                best[z], cut[z] = cost, a
-    out, z = [], k
-    while z > 0:
-        a = cut[z]
-        out.append((ends[a - 1] if a else 0, ends[z - 1], values[z - 1]))
-        z = a
-    return out[::-1]
+            starts.append(i)
+    starts.append(len(counts))
+    cut = cheapest_cut(len(values), lambda a, z: call_macs + (starts[z] - starts[a]) * values[z - 1] ** 2 * unit_macs)
+    return [(starts[a], starts[z], values[z - 1]) for a, z in cut]
 
 
 def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
@@ -153,7 +179,7 @@ def _uniform(groups: list[_Group], heads: list[int], hidden: list[int],
     if len(groups) > 1 or len(set(heads)) > 1 or len(set(hidden)) > 1:
         return False
     counts = groups[0].counts
-    if not bool((counts == counts[0]).all()):
+    if groups[0].mixed or not bool((counts == counts[0]).all()):
         return False
     return reduce is None or all(bool((t == t[0]).all()) for t in reduce)
 
@@ -196,18 +222,23 @@ class DynamicExecutor:
 
     ``attention`` — ``"auto"`` (cost model, default), ``"exact"`` (no padding) or ``"padded"``
     (one call per block); ``attention_call_macs`` sets the cost model's price of a call.
+    ``group_call_macs`` is the price of one more width group per block: 0 gives every width
+    its own group, ``inf`` runs each stage as one zero-padded group.
     Weight slices are cached per size (views, no copies), so repeated plans pay no slicing.
     """
 
     def __init__(self, model: MetaViT, attention: str = "auto",
-                 attention_call_macs: float = DEFAULT_ATTENTION_CALL_MACS) -> None:
+                 attention_call_macs: float = DEFAULT_ATTENTION_CALL_MACS,
+                 group_call_macs: float = DEFAULT_GROUP_CALL_MACS) -> None:
         if attention not in ATTENTION_MODES:
             raise PranceError(f"unknown attention mode {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
-        if not attention_call_macs >= 0:
-            raise PranceError(f"attention_call_macs must be >= 0, got {attention_call_macs}")
+        for name, value in (("attention_call_macs", attention_call_macs), ("group_call_macs", group_call_macs)):
+            if not value >= 0:
+                raise PranceError(f"{name} must be >= 0, got {value}")
         self.model = model
         self.attention = attention
         self.call_macs = _CALL_MACS.get(attention, attention_call_macs)
+        self.group_call_macs = group_call_macs
         self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def __call__(self, x: torch.Tensor, plan: Plan | None = None, policy: StagePolicy | None = None) -> torch.Tensor:
@@ -276,7 +307,13 @@ class DynamicExecutor:
         logits = x.new_empty(b, cfg.num_classes)
         for g in groups:
             cls = g.x[g.offsets()[:-1]]
-            logits[g.images] = model.classify(model.norm(cls))
+            if g.mixed:
+                wr = g.img_w[:, None]
+                cls = _masked_layer_norm(cls, wr.to(cls.dtype), (torch.arange(g.width) < wr).to(cls.dtype),
+                                         model.norm.weight[: g.width], model.norm.bias[: g.width], model.norm.eps)
+            else:
+                cls = model.norm(cls)
+            logits[g.images] = model.classify(cls)
         return logits, plan
 
     def _uniform_block(self, i: int, blk: Block, g: _Group, heads: int, hidden: int,
@@ -310,7 +347,7 @@ class DynamicExecutor:
         tokens, widths = _token_counts(groups, b), torch.empty(b, dtype=torch.int64)
         for g in groups:
             cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
-            widths[g.images] = g.width
+            widths[g.images] = g.widths()
         means = cls.new_zeros(b, n0)
         if key_means is not None:
             n = key_means.shape[1]
@@ -340,6 +377,14 @@ class DynamicExecutor:
         return self._cached(("mlp", i, width, hidden), m.fc1.weight, lambda: (
             m.fc1.weight[:hidden, :width], m.fc1.bias[:hidden], m.fc2.weight[:width, :hidden], m.fc2.bias[:width]))
 
+    def _group_norm(self, key: tuple, norm: torch.nn.LayerNorm, g: _Group) -> torch.Tensor:
+        """LayerNorm of a group's rows, each over its own active channels."""
+        if not g.mixed:
+            return self._norm(key, norm, g.x)
+        w = g.width
+        weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
+        return _masked_layer_norm(g.x, *g.masks(), weight, bias, norm.eps)
+
     def _norm(self, key: tuple, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         w = x.shape[-1]
         weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
@@ -351,39 +396,75 @@ class DynamicExecutor:
 
         The map runs once per old group, at the largest new width any of its images needs; a
         narrower image takes the first columns of that output (first-k slicing makes it exact).
-        Each old group is permuted once so that every new width is a contiguous slice of it.
+        Images whose width has a small group join a wider one, zero-padded (see
+        :meth:`_group_widths`). Each old group is permuted once so that every new group's
+        images are a contiguous slice of it.
         """
         stage_map = self.model.stage_maps[stage - 1]
+        target = self._group_widths(groups, new_widths)
         pieces: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         for g in groups:
-            targets = torch.tensor([new_widths[j] for j in g.images.tolist()])
-            wanted = targets.unique().tolist()
-            changed = [w for w in wanted if w != g.width]
-            mapped = stage_map(g.x, max(changed)) if changed else None
+            new_w = torch.tensor([new_widths[j] for j in g.images.tolist()])
+            old_w = g.widths()
+            changed = new_w != old_w
+            w_top = int(new_w.max())
+            x = g.x[:, :w_top] if g.width >= w_top else F.pad(g.x, (0, w_top - g.width))
+            if bool(changed.any()):
+                mapped = stage_map(g.x, w_top)
+                x = mapped if bool(changed.all()) else torch.where(
+                    torch.repeat_interleave(changed, g.counts)[:, None], mapped, x)
+            if bool((new_w != w_top).any()):  # zero every row beyond its own new width
+                x = x * (torch.arange(w_top) < torch.repeat_interleave(new_w, g.counts)[:, None]).to(x.dtype)
+            dest = torch.tensor([target[w] for w in new_w.tolist()])
+            wanted = dest.unique().tolist()
             if len(wanted) == 1:
-                w = wanted[0]
-                pieces.setdefault(w, []).append((g.images, g.counts, g.x if w == g.width else mapped, g.size))
+                pieces.setdefault(wanted[0], []).append((g.images, g.counts, x, g.size, new_w))
                 continue
-            order = targets.sort(stable=True).indices
+            order = dest.sort(stable=True).indices
             rows = _rows(g.offsets(), g.counts, order)
-            images, counts, size = g.images[order], g.counts[order], g.size.index_select(0, rows)
-            raw = g.x.index_select(0, rows) if g.width in wanted else None
-            mapped = mapped.index_select(0, rows)
-            n_images = torch.bincount(targets, minlength=max(wanted) + 1)[wanted].tolist()
-            n_rows = counts.split(n_images)
+            images, counts, widths = g.images[order], g.counts[order], new_w[order]
+            x, size = x.index_select(0, rows), g.size.index_select(0, rows)
+            n_images = torch.bincount(dest, minlength=max(wanted) + 1)[wanted].tolist()
             a = r = 0
-            for w, n_img, c in zip(wanted, n_images, n_rows):
+            for w, n_img, c in zip(wanted, n_images, counts.split(n_images)):
                 n_row = int(c.sum())
-                xs = raw[r : r + n_row] if w == g.width else mapped[r : r + n_row, :w]
-                pieces.setdefault(w, []).append((images[a : a + n_img], c, xs, size[r : r + n_row]))
+                pieces.setdefault(w, []).append((images[a : a + n_img], c, x[r : r + n_row], size[r : r + n_row],
+                                                 widths[a : a + n_img]))
                 a, r = a + n_img, r + n_row
         out = []
-        for parts in pieces.values():
-            if len(parts) == 1:
-                out.append(_Group(*parts[0]))
-            else:
-                out.append(_Group(*(torch.cat([p[k] for p in parts]) for k in range(4))))
+        for w, parts in pieces.items():
+            parts = [(i, c, x[:, :w] if x.shape[1] >= w else F.pad(x, (0, w - x.shape[1])), s, iw)
+                     for i, c, x, s, iw in parts]
+            images, counts, x, size, img_w = (parts[0] if len(parts) == 1 else
+                                              [torch.cat([p[k] for p in parts]) for k in range(5)])
+            out.append(_Group(images, counts, x, size, None if bool((img_w == w).all()) else img_w))
         return out
+
+    def _group_widths(self, groups: list[_Group], new_widths: list[int]) -> dict[int, int]:
+        """The group width each new width runs in: its own, or a wider one when cheaper.
+
+        Running ``rows`` tokens of width ``w`` inside a group of width ``W`` costs about
+        ``rows × W × (4·A + 2·r·w)`` MACs per block (A = attention channels, r = mean MLP
+        ratio) against ``rows × w × (…)`` alone; each group costs ``group_call_macs`` more.
+        """
+        rows: dict[int, int] = {}
+        for g in groups:
+            for j, c in zip(g.images.tolist(), g.counts_list()):
+                rows[new_widths[j]] = rows.get(new_widths[j], 0) + c
+        values = sorted(rows)
+        if self.group_call_macs == 0 or len(values) == 1:
+            return {w: w for w in values}
+        if self.group_call_macs == float("inf"):
+            return {w: values[-1] for w in values}
+        attn = self.model.blocks[0].attn
+        a_dim = attn.num_heads * attn.head_dim
+        ratio = sum(self.model.space.mlp_ratios) / len(self.model.space.mlp_ratios)
+
+        def cost(a: int, z: int) -> float:
+            top = values[z - 1]
+            return self.group_call_macs + sum(rows[w] * top * (4 * a_dim + 2 * ratio * w) for w in values[a:z])
+
+        return {w: values[z - 1] for a, z in cheapest_cut(len(values), cost) for w in values[a:z]}
 
     # ------------------------------------------------------------------ attention
     def _grid(self, groups: list[_Group], b: int, sized: bool) -> _Grid:
@@ -421,7 +502,7 @@ class DynamicExecutor:
         """
         attn = blk.attn
         hd, h_max, b = attn.head_dim, max(heads), len(heads)
-        normed = [self._norm(("norm1", i), blk.norm1, g.x) for g in groups]
+        normed = [self._group_norm(("norm1", i), blk.norm1, g) for g in groups]
         # Fast path: one group holding every image in slot order with no padding needs no grid.
         direct = (len(groups) == 1 and len(grid.buckets) == 1 and not grid.masked[0] and len(set(heads)) == 1
                   and bool((grid.slot[groups[0].images] == torch.arange(b)).all()))
@@ -464,6 +545,8 @@ class DynamicExecutor:
             x = g.x
             for hv, rows in self._by_heads(g, heads):
                 proj = F.linear(_take(o, rows)[:, : hv * hd], *self._proj(i, blk, g.width, hv))
+                if g.mixed:  # rows narrower than the group stay zero beyond their width
+                    proj = proj * _take(g.masks()[1], rows)
                 x = x + proj if rows is None else x.index_add_(0, rows, proj)
             new_groups.append(g.with_x(x))
         return new_groups, importance, key_means
@@ -489,7 +572,8 @@ class DynamicExecutor:
         out = []
         for g in groups:
             rows = kept[grid.rows_of(g)].nonzero().squeeze(1)
-            out.append(_Group(g.images, keep_k[g.images] + 1, g.x.index_select(0, rows), g.size.index_select(0, rows)))
+            out.append(_Group(g.images, keep_k[g.images] + 1, g.x.index_select(0, rows), g.size.index_select(0, rows),
+                              g.img_w))
         return out
 
     def _reduce(self, g: _Group, importance: torch.Tensor, keep_k: torch.Tensor, merge_k: torch.Tensor) -> _Group:
@@ -508,22 +592,24 @@ class DynamicExecutor:
             state = TokenState(g.x.view(G, n_max, -1), g.size.view(G, n_max))
             state = token_ops.reduce(state, importance[:, : n_max - 1], int(keep_k[0]), int(merge_k[0]))
             n = state.x.shape[1]
-            return _Group(g.images, torch.full((G,), n), state.x.reshape(G * n, -1), state.size.reshape(-1))
+            return _Group(g.images, torch.full((G,), n), state.x.reshape(G * n, -1), state.size.reshape(-1), g.img_w)
         valid = torch.arange(n_max) < g.counts[:, None]
         x = g.x.new_zeros(G, n_max, g.width)
         x[valid] = g.x
         size = g.size.new_ones(G, n_max)
         size[valid] = g.size
         state = token_ops.reduce_masked(TokenState(x, size, alive=valid), importance[:, : n_max - 1], keep_k, merge_k)
-        return _Group(g.images, state.alive.sum(1), state.x[state.alive], state.size[state.alive])
+        return _Group(g.images, state.alive.sum(1), state.x[state.alive], state.size[state.alive], g.img_w)
 
     # ------------------------------------------------------------------ MLP
     def _mlp(self, i: int, blk: Block, g: _Group, hidden: list[int]) -> _Group:
         """Residual MLP; rows are sorted by MLP width once, so each width runs on a contiguous slice."""
-        h = self._norm(("norm2", i), blk.norm2, g.x)
+        h = self._group_norm(("norm2", i), blk.norm2, g)
+        mask = g.masks()[1] if g.mixed else None
         if len(set(hidden)) == 1:
             w1, b1, w2, b2 = self._fc(i, blk, g.width, hidden[0])
-            return g.with_x(g.x + F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2))
+            out = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+            return g.with_x(g.x + (out if mask is None else out * mask))
         # Images' rows are contiguous, so runs of images with equal MLP width are already slices;
         # when there are many more runs than widths, one sorted copy makes each width one slice.
         runs = _runs(hidden, g.counts_list())
@@ -537,7 +623,18 @@ class DynamicExecutor:
         for m, a, z in runs:
             w1, b1, w2, b2 = self._fc(i, blk, g.width, m)
             torch.addmm(b2, F.gelu(F.linear(h[a:z], w1, b1)), w2.t(), out=out[a:z])
+        if mask is not None:
+            out = out * _take(mask, order)
         return g.with_x(g.x + out if order is None else g.x.index_add_(0, order, out))
+
+
+def _masked_layer_norm(x: torch.Tensor, width: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of zero-padded rows over their first ``width`` channels (``mask`` marks them)."""
+    mean = x.sum(-1, keepdim=True) / width
+    centred = (x - mean) * mask
+    var = (centred * centred).sum(-1, keepdim=True) / width
+    return (centred * torch.rsqrt(var + eps) * weight + bias) * mask
 
 
 def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,

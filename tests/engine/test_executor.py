@@ -5,6 +5,7 @@ import torch
 
 from prance import MetaViT, Plan, PranceError
 from prance.engine import DynamicExecutor
+from prance.engine.executor import _Group
 from tests.conftest import tiny_config, tiny_space
 
 
@@ -14,16 +15,30 @@ def _plans(model: MetaViT, batch: int, seed: int, keep=(0.2, 1.0)) -> Plan:
 
 
 @pytest.mark.parametrize("attention", ["auto", "exact", "padded"])
-@pytest.mark.parametrize("seed", range(4))
-def test_engine_equals_masked_path_per_image(tiny, attention, seed):
-    """Mixed widths, MLP widths, heads, prune and merge ratios: engine logits == masked logits."""
+@pytest.mark.parametrize("group_call_macs", [0.0, None, float("inf")], ids=["own-width", "cost-model", "one-group"])
+@pytest.mark.parametrize("seed", range(3))
+def test_engine_equals_masked_path_per_image(tiny, attention, group_call_macs, seed):
+    """Mixed widths, MLP widths, heads, prune and merge ratios: engine logits == masked logits,
+    whether every width runs in its own group, narrower images join wider groups zero-padded,
+    or all share one."""
     torch.manual_seed(seed)
     x = torch.randn(12, 3, 16, 16)
     plan = _plans(tiny, 12, seed)
+    kwargs = {} if group_call_macs is None else {"group_call_macs": group_call_macs}
     with torch.inference_mode():
-        got = DynamicExecutor(tiny, attention)(x, plan)
+        got = DynamicExecutor(tiny, attention, **kwargs)(x, plan)
         want = tiny(x, plan, mode="masked")
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_width_groups_merge_only_when_cheaper(tiny):
+    engine = DynamicExecutor(tiny)
+    groups = [_Group(torch.arange(4), torch.tensor([5, 5, 5, 5]), torch.zeros(20, 32), torch.ones(20))]
+    few_rows = engine._group_widths(groups, [16, 24, 32, 32])
+    assert set(few_rows.values()) == {32}, "a handful of tokens: one padded group beats three calls"
+    many = [_Group(torch.arange(4), torch.tensor([100_000] * 4), torch.zeros(1, 32), torch.ones(1))]
+    assert engine._group_widths(many, [16, 24, 32, 32]) == {16: 16, 24: 24, 32: 32}
+    assert DynamicExecutor(tiny, group_call_macs=0)._group_widths(groups, [16, 24, 32, 32]) == {16: 16, 24: 24, 32: 32}
 
 
 @pytest.mark.parametrize("token_mode", ["prune", "merge"])
