@@ -5,7 +5,7 @@ import torch
 
 from prance import MetaViT, Plan, PranceError
 from prance.engine import DynamicExecutor
-from prance.engine.executor import _Group
+from prance.engine.executor import _Group, buckets
 from tests.conftest import tiny_config, tiny_space
 
 
@@ -29,6 +29,15 @@ def test_engine_equals_masked_path_per_image(tiny, attention, group_call_macs, s
         got = DynamicExecutor(tiny, attention, **kwargs)(x, plan)
         want = tiny(x, plan, mode="masked")
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_attention_buckets_trade_padding_against_calls():
+    counts = [5, 5, 7, 9, 30, 31, 50, 50]
+    assert buckets(counts, 192, 0.0) == [(0, 2, 5), (2, 3, 7), (3, 4, 9), (4, 5, 30), (5, 6, 31), (6, 8, 50)]
+    assert buckets(counts, 192, float("inf")) == [(0, 8, 50)]
+    cut = buckets(counts, 192, 2.5e5)
+    assert cut == [(0, 4, 9), (4, 6, 31), (6, 8, 50)], "near counts share a call, far ones do not"
+    assert [a for a, _, _ in cut] == sorted(a for a, _, _ in cut) and cut[-1][1] == len(counts)
 
 
 def test_width_groups_merge_only_when_cheaper(tiny):
