@@ -5,7 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pathlib import Path
+
 from prance.config import SearchSpace, ViTConfig
+
+#: Overrides of the fmnist-tiny preset (28 px, 1 channel, 10 classes) that train in seconds.
+TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``--threads`` sets torch's global thread count; later tests get the old one back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> ViTConfig:

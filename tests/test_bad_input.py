@@ -30,20 +30,11 @@ from prance.cli import main
 from prance.data.fashion_mnist import ENV_VAR
 from prance.engine import DynamicExecutor
 from prance.training.checkpoint import FORMAT_VERSION, atomic_save, make_checkpoint, save_checkpoint
+from tests.conftest import REPO, TINY
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)  # fmnist-tiny shape: 28 px, 1 channel, 10 classes
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """``--threads`` sets torch's global thread count; later tests get the old one back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_model(seed: int = 0):
     torch.manual_seed(seed)
     return create_model("fmnist-tiny", **TINY)

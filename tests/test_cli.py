@@ -14,17 +14,9 @@ import yaml
 from prance import PranceError, create_model, to_timm_state_dict
 from prance.cli import main
 from prance.training.checkpoint import load_checkpoint, save_checkpoint
-
-TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, TINY
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """``--threads`` sets torch's global thread count; later tests get the old one back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from prance.training.checkpoint import load_checkpoint
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds per process; the machine may be busy
 
 

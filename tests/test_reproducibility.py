@@ -10,22 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from prance import create_model
 from prance.cli import main
 from prance.training.checkpoint import save_checkpoint
+from tests.conftest import TINY
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
 TIMING = ("seconds", "images_per_second")
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rows(out: Path) -> list[dict]:

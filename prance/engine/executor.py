@@ -257,7 +257,7 @@ class DynamicExecutor:
         model, cfg = self.model, self.model.config
         model.check_input(x)
         b = x.shape[0]
-        plan = (model._full_plan if plan is None else plan).validate(cfg, model.space).expand(b)
+        plan = (model.full_plan if plan is None else plan).validate(cfg, model.space).expand(b)
         tokens = model.embed(x)
         n0 = tokens.shape[1]
         groups = [_Group(torch.arange(b), torch.full((b,), n0), tokens.reshape(b * n0, -1),
@@ -310,9 +310,9 @@ class DynamicExecutor:
             if g.mixed:
                 wr = g.img_w[:, None]
                 cls = _masked_layer_norm(cls, wr.to(cls.dtype), (torch.arange(g.width) < wr).to(cls.dtype),
-                                         model.norm.weight[: g.width], model.norm.bias[: g.width], model.norm.eps)
+                                         *self._norm_params(("norm",), model.norm, g.width), model.norm.eps)
             else:
-                cls = model.norm(cls)
+                cls = self._norm(("norm",), model.norm, cls)
             logits[g.images] = model.classify(cls)
         return logits, plan
 
@@ -366,7 +366,7 @@ class DynamicExecutor:
 
     def _qkv(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
         return self._cached(("qkv", i, width, heads), blk.attn.qkv.weight,
-                            lambda: blk.attn._qkv_params(width, heads))
+                            lambda: blk.attn.qkv_params(width, heads))
 
     def _proj(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
         p, c = blk.attn.proj, heads * blk.attn.head_dim
@@ -381,14 +381,14 @@ class DynamicExecutor:
         """LayerNorm of a group's rows, each over its own active channels."""
         if not g.mixed:
             return self._norm(key, norm, g.x)
-        w = g.width
-        weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
-        return _masked_layer_norm(g.x, *g.masks(), weight, bias, norm.eps)
+        return _masked_layer_norm(g.x, *g.masks(), *self._norm_params(key, norm, g.width), norm.eps)
 
     def _norm(self, key: tuple, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         w = x.shape[-1]
-        weight, bias = self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
-        return F.layer_norm(x, (w,), weight, bias, norm.eps)
+        return F.layer_norm(x, (w,), *self._norm_params(key, norm, w), norm.eps)
+
+    def _norm_params(self, key: tuple, norm: torch.nn.LayerNorm, w: int) -> tuple[torch.Tensor, ...]:
+        return self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
 
     # ------------------------------------------------------------------ stage boundary
     def _regroup(self, groups: list[_Group], new_widths: list[int], stage: int) -> list[_Group]:

@@ -50,7 +50,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv_params(self, width: int, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def qkv_params(self, width: int, heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """QKV weight and bias sliced to input ``width`` and the first ``heads`` heads."""
         h, hd = self.num_heads, self.head_dim
         weight = self.qkv.weight.view(3, h, hd, -1)[:, :heads, :, :width].reshape(3 * heads * hd, width)
         bias = None if self.qkv.bias is None else self.qkv.bias.view(3, h, hd)[:, :heads].reshape(-1)
@@ -73,7 +74,7 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Physical path. Returns (output, attention probs if ``need_attn``, keys)."""
         b, n, w = x.shape
-        weight, bias = self._qkv_params(w, heads)
+        weight, bias = self.qkv_params(w, heads)
         q, k, v = F.linear(x, weight, bias).view(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out, attn = self._attend(q, k, v, key_bias, need_attn)
         out = out.transpose(1, 2).reshape(b, n, heads * self.head_dim)

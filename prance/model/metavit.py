@@ -86,7 +86,7 @@ class MetaViT(nn.Module):
         self.check_input(x)
         if mode not in MODES:
             raise PranceError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        plan = self._full_plan if plan is None else plan
+        plan = self.full_plan if plan is None else plan
         plan = plan.validate(self.config, self.space).expand(x.shape[0])
         if mode == "masked":
             if reducer is not None:
@@ -103,7 +103,7 @@ class MetaViT(nn.Module):
         return logits
 
     @property
-    def _full_plan(self) -> Plan:
+    def full_plan(self) -> Plan:
         """The full-size plan, built (and validated) once per model."""
         if "_full" not in self.__dict__:
             self.__dict__["_full"] = Plan.full(self.config)

@@ -95,6 +95,14 @@ def _check(state: TokenState, importance: torch.Tensor, masked: bool) -> None:
                           " (one value per patch token); compute it with cls_importance")
 
 
+def _keeps_all(state: TokenState, importance: torch.Tensor, k: int, what: str) -> bool:
+    """Check a physical reduction to ``k`` patch tokens; True if it would keep every one (a no-op)."""
+    _check(state, importance, masked=False)
+    n = state.x.shape[1] - 1
+    _check_k(k, n, what)
+    return k == n
+
+
 def _check_k(k: int, n: int, what: str) -> None:
     if not 1 <= k <= n:
         raise PranceError(f"{what} must keep between 1 and {n} patch tokens, got {k}; use prance.plan.kept_count")
@@ -125,10 +133,7 @@ def merge_macs(num_patches: int, k: int, width: int) -> int:
 # ----------------------------------------------------------------------------- physical
 def prune(state: TokenState, importance: torch.Tensor, k: int) -> TokenState:
     """Keep cls and the ``k`` most important patch tokens, in their original order."""
-    _check(state, importance, masked=False)
-    n = state.x.shape[1] - 1
-    _check_k(k, n, "prune")
-    if k == n:
+    if _keeps_all(state, importance, k, "prune"):
         return state
     keep, _ = topk_split(importance, k)
     keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep + 1], 1)
@@ -143,10 +148,7 @@ def merge(state: TokenState, importance: torch.Tensor, k: int) -> TokenState:
     parts, its size their sum and its source their union. Kept tokens stay in original order;
     a kept token that receives nothing is returned bit for bit.
     """
-    _check(state, importance, masked=False)
-    n = state.x.shape[1] - 1
-    _check_k(k, n, "merge")
-    if k == n:
+    if _keeps_all(state, importance, k, "merge"):
         return state
     keep, drop = topk_split(importance, k)
     x, size = state.x[:, 1:], state.size[:, 1:]

@@ -19,8 +19,7 @@ from prance.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-
-TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
+from tests.conftest import TINY
 
 
 def _model(seed: int = 0) -> prance.MetaViT:

@@ -13,8 +13,8 @@ from prance import PranceError
 from prance.training import dense
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 from prance.training.dense import DenseTrainConfig, cosine_lr, resume_config, train_dense
+from tests.conftest import TINY
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
