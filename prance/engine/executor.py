@@ -224,7 +224,8 @@ class DynamicExecutor:
     (one call per block); ``attention_call_macs`` sets the cost model's price of a call.
     ``group_call_macs`` is the price of one more width group per block: 0 gives every width
     its own group, ``inf`` runs each stage as one zero-padded group.
-    Weight slices are cached per size (views, no copies), so repeated plans pay no slicing.
+    Weight slices are cached per size and weight version, so repeated plans pay no slicing and
+    an executor stays correct when the model's weights change in place.
     """
 
     def __init__(self, model: MetaViT, attention: str = "auto",
@@ -355,26 +356,33 @@ class DynamicExecutor:
         return StageState(stage, cls, means, tokens, widths)
 
     # ------------------------------------------------------------------ weights
-    def _cached(self, key: tuple, source: torch.Tensor, make: Callable[[], tuple[torch.Tensor, ...]]
+    def _cached(self, key: tuple, sources: tuple[torch.Tensor, ...], make: Callable[[], tuple[torch.Tensor, ...]]
                 ) -> tuple[torch.Tensor, ...]:
-        """Weight views for ``key``, made once; keyed on the source storage so reloaded weights miss."""
-        key = (*key, source.data_ptr())
+        """Weight slices for ``key``, made once per version of their ``sources``.
+
+        Some slices are copies (the QKV rows of fewer heads are not one strided view), so an
+        entry is stamped with the storage and in-place version of every source tensor: after
+        ``load_state_dict`` or an optimiser step the stamp differs and the slice is made again.
+        """
+        stamp = tuple((t.data_ptr(), _version(t)) for t in sources)
         hit = self._views.get(key)
-        if hit is None:
-            hit = self._views[key] = make()
-        return hit
+        if hit is None or hit[0] != stamp or None in (v for _, v in stamp):
+            hit = self._views[key] = (stamp, make())
+        return hit[1]
 
     def _qkv(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
-        return self._cached(("qkv", i, width, heads), blk.attn.qkv.weight,
+        qkv = blk.attn.qkv
+        return self._cached(("qkv", i, width, heads), (qkv.weight, qkv.bias) if qkv.bias is not None else (qkv.weight,),
                             lambda: blk.attn.qkv_params(width, heads))
 
     def _proj(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
         p, c = blk.attn.proj, heads * blk.attn.head_dim
-        return self._cached(("proj", i, width, heads), p.weight, lambda: (p.weight[:width, :c], p.bias[:width]))
+        return self._cached(("proj", i, width, heads), (p.weight, p.bias),
+                            lambda: (p.weight[:width, :c], p.bias[:width]))
 
     def _fc(self, i: int, blk: Block, width: int, hidden: int) -> tuple[torch.Tensor, ...]:
         m = blk.mlp
-        return self._cached(("mlp", i, width, hidden), m.fc1.weight, lambda: (
+        return self._cached(("mlp", i, width, hidden), (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias), lambda: (
             m.fc1.weight[:hidden, :width], m.fc1.bias[:hidden], m.fc2.weight[:width, :hidden], m.fc2.bias[:width]))
 
     def _group_norm(self, key: tuple, norm: torch.nn.LayerNorm, g: _Group) -> torch.Tensor:
@@ -388,7 +396,7 @@ class DynamicExecutor:
         return F.layer_norm(x, (w,), *self._norm_params(key, norm, w), norm.eps)
 
     def _norm_params(self, key: tuple, norm: torch.nn.LayerNorm, w: int) -> tuple[torch.Tensor, ...]:
-        return self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
+        return self._cached((*key, w), (norm.weight, norm.bias), lambda: (norm.weight[:w], norm.bias[:w]))
 
     # ------------------------------------------------------------------ stage boundary
     def _regroup(self, groups: list[_Group], new_widths: list[int], stage: int) -> list[_Group]:
@@ -626,6 +634,14 @@ class DynamicExecutor:
         if mask is not None:
             out = out * _take(mask, order)
         return g.with_x(g.x + out if order is None else g.x.index_add_(0, order, out))
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place version counter of ``t`` (None for inference tensors, which have none: never cached)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _masked_layer_norm(x: torch.Tensor, width: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
