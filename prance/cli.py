@@ -187,7 +187,7 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
     cfg = resume_config(args.out, **given) if args.resume else DenseTrainConfig(**given)
     out = check_writable_dir(args.out)
     summary = train_dense(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    print(f"dense training in {summary['out']}: {summary['epochs']} epochs, best val top-1 "
+    print(f"dense training in {summary['out']}: {summary['epochs']} epochs, best holdout top-1 "
           f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}); checkpoints {summary['best']}, "
           f"{summary['last']}")
 

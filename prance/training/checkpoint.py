@@ -12,6 +12,8 @@ A prance checkpoint is one ``torch.save`` file holding a plain dict::
     train_state     everything an exact resume needs (optimizer, epoch, step, RNG states, ...)
     metrics         numbers worth keeping next to the weights (e.g. validation top-1)
     args            the run's settings, as plain values
+    split           (optional) the data and holdout the model was trained and selected on
+                    (``prance.data.splits.TrainingSplits.record``)
 
 Everything in it is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)``: opening a checkpoint never runs pickled code.
@@ -63,6 +65,7 @@ def make_checkpoint(
     train_state: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     args: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of ``model`` (see the module docstring for the fields)."""
     if kind not in KINDS:
@@ -78,6 +81,7 @@ def make_checkpoint(
         "train_state": _plain(dict(train_state or {})),
         "metrics": _plain(dict(metrics or {})),
         "args": _plain(dict(args or {})),
+        **({} if split is None else {"split": _plain(dict(split))}),
     }
 
 
@@ -89,9 +93,10 @@ def save_checkpoint(
     train_state: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     args: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
 ) -> Path:
     """Atomically write ``model`` and its training state to ``path``."""
-    ckpt = make_checkpoint(model, kind, train_state=train_state, metrics=metrics, args=args)
+    ckpt = make_checkpoint(model, kind, train_state=train_state, metrics=metrics, args=args, split=split)
     return atomic_save(ckpt, path)
 
 

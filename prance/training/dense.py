@@ -5,7 +5,11 @@ here; every later stage starts from its ``best.pt``. The loop reads top to botto
 
     set up (run folder, data, model, optimizer, resume) → for each epoch:
     seed → minibatch updates (cosine LR with linear warm-up per step, label smoothing,
-    AdamW) → validation → JSON-lines log → atomic checkpoints (``last.pt``, ``best.pt``).
+    AdamW) → validation on the holdout → JSON-lines log → atomic checkpoints (``last.pt``, ``best.pt``).
+
+Splits (DESIGN.md §8): the model trains on the training split minus a seeded holdout
+(``holdout`` of it, picked by ``holdout_seed``, see :mod:`prance.data.splits`); the best
+epoch is chosen on the holdout. The test split is never read here.
 
 Determinism: the model is initialised from ``seed``, and every epoch reseeds torch, numpy,
 Python and the sampler from ``(seed, epoch)``, so an epoch's shuffling and augmentation
@@ -39,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from prance.config import ViTConfig
-from prance.data import build_dataset
+from prance.data.splits import DEFAULT_HOLDOUT_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout, training_splits
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate
 from prance.model.metavit import MetaViT
@@ -64,7 +68,9 @@ class DenseTrainConfig:
     data: str = "fashion-mnist"  # "fashion-mnist" or "folder"
     data_dir: str | None = None  # Fashion-MNIST IDX folder, or the root of an ImageNet-style folder
     limit: int | None = None  # train on a random subset of this many images (quick runs)
-    val_limit: int | None = None  # validate on a random subset of this many images
+    val_limit: int | None = None  # validate on a random subset of this many held-out images
+    holdout: float = DEFAULT_HOLDOUT_FRACTION  # fraction of the training split held out for every choice
+    holdout_seed: int = DEFAULT_HOLDOUT_SEED  # which images are held out (the same in every stage of a pipeline)
     num_workers: int = 0  # DataLoader processes; Fashion-MNIST transforms whole batches, 0 is fastest on 2 cores
     # --- optimisation
     epochs: int = 10  # passes over the training set
@@ -160,10 +166,11 @@ def train_dense(
         config = ViTConfig.from_dict(resume_ckpt["config"])
     else:
         config = pretrained.config if pretrained is not None else _model_config(cfg)
-    train_set = build_dataset(cfg.data, "train", img_size=config.img_size, in_chans=config.in_chans,
-                              train_augment=True, root=cfg.data_dir, limit=cfg.limit, seed=cfg.seed)
-    val_set = build_dataset(cfg.data, "val", img_size=config.img_size, in_chans=config.in_chans,
-                            train_augment=False, root=cfg.data_dir, limit=cfg.val_limit, seed=cfg.seed)
+    splits = training_splits(cfg.data, img_size=config.img_size, in_chans=config.in_chans,
+                             holdout=Holdout(cfg.holdout, cfg.holdout_seed), train_augment=True, root=cfg.data_dir,
+                             limit=cfg.limit, holdout_limit=cfg.val_limit, seed=cfg.seed)
+    train_set, val_set = splits.train, splits.holdout
+    split_record = splits.record(cfg.data)
     num_classes = train_set.info.num_classes
     sampler_generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
@@ -201,7 +208,7 @@ def train_dense(
               val_images=len(val_set), steps_per_epoch=steps_per_epoch, config=cfg.to_dict(),
               model=model.config.to_dict())
     if epoch == cfg.epochs:
-        say(f"run in {out} is complete ({epoch} epochs, best val top-1 {best_top1:.2f}% at epoch {best_epoch})")
+        say(f"run in {out} is complete ({epoch} epochs, best holdout top-1 {best_top1:.2f}% at epoch {best_epoch})")
     start_epoch = epoch
     val: dict[str, Any] = dict(resume_ckpt["metrics"]) if resume_ckpt else {}
 
@@ -253,21 +260,23 @@ def train_dense(
         if is_best:
             best_top1, best_epoch = val["top1"], epoch
         record = dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=100.0 * correct / seen,
-                      val_top1=val["top1"], best_top1=best_top1, lr=lr, seconds=seconds,
+                      holdout_top1=val["top1"], best_top1=best_top1, lr=lr, seconds=seconds,
                       img_per_s=seen / train_seconds, step=step)
         log.write(event="epoch", **record)
         say(f"epoch {epoch}/{cfg.epochs}  loss {record['train_loss']:.4f}  train {record['train_acc']:.2f}%  "
-            f"val {val['top1']:.2f}%  {seconds:.0f} s  {record['img_per_s']:.0f} img/s")
+            f"holdout {val['top1']:.2f}%  {seconds:.0f} s  {record['img_per_s']:.0f} img/s")
 
         # --- checkpoints: best first, so a crash in between only repeats this epoch on resume
         train_state = dict(optimizer=optimizer.state_dict(), epoch=epoch, step=step, best_top1=best_top1,
                            best_epoch=best_epoch, rng=rng_state(),
                            schedule=dict(kind="cosine", total_steps=total_steps, warmup_steps=warmup_steps))
-        metrics = dict(val_top1=val["top1"], val_images=val["images"], train_loss=record["train_loss"],
+        metrics = dict(holdout_top1=val["top1"], holdout_images=val["images"], train_loss=record["train_loss"],
                        train_acc=record["train_acc"], epoch=epoch, gmacs=val["gmacs"], params_m=val["params_m"])
         if is_best:
-            save_checkpoint(out / BEST, model, KIND, train_state=train_state, metrics=metrics, args=cfg.to_dict())
-        save_checkpoint(out / LAST, model, KIND, train_state=train_state, metrics=metrics, args=cfg.to_dict())
+            save_checkpoint(out / BEST, model, KIND, train_state=train_state, metrics=metrics, args=cfg.to_dict(),
+                            split=split_record)
+        save_checkpoint(out / LAST, model, KIND, train_state=train_state, metrics=metrics, args=cfg.to_dict(),
+                        split=split_record)
 
     done = epoch == cfg.epochs
     log.write(event="end" if done else "pause", epoch=epoch, best_top1=best_top1, best_epoch=best_epoch)
@@ -275,7 +284,7 @@ def train_dense(
         "out": str(out),
         "epochs": epoch,
         "complete": done,
-        "val_top1": val.get("val_top1", val.get("top1")),
+        "holdout_top1": val.get("holdout_top1", val.get("top1")),
         "best_top1": best_top1,
         "best_epoch": best_epoch,
         "last": str(out / LAST),

@@ -64,10 +64,10 @@ def test_loss_goes_down_on_real_images(fmnist_dir: str, tmp_path: Path):
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.2
     assert summary["best_top1"] > 20.0  # chance is 10 %; a toy ViT learns slowly from 512 images
     assert _log(run, "step") and {"loss", "lr", "img_per_s"} <= _log(run, "step")[0].keys()
-    for key in ("train_loss", "train_acc", "val_top1", "lr", "seconds", "img_per_s"):
+    for key in ("train_loss", "train_acc", "holdout_top1", "lr", "seconds", "img_per_s"):
         assert key in epochs[-1]
     best = load_checkpoint(run / "best.pt", kind="dense")
-    assert best["metrics"]["val_top1"] == summary["best_top1"]
+    assert best["metrics"]["holdout_top1"] == summary["best_top1"]
     assert model_from_checkpoint(best).config.embed_dim == 32
 
 
