@@ -15,7 +15,8 @@ import torch
 
 from prance.config import ViTConfig
 from prance.model.metavit import MetaViT
-from prance.plan import Plan, kept_count
+from prance.plan import Plan
+from prance.schedule import TokensAfter, walk
 
 #: Components that are matrix products (what FlopCounterMode sees).
 MATMUL_PARTS = ("patch_embed", "stage_map", "qkv", "attention", "proj", "fc1", "fc2", "token_merge", "head")
@@ -36,42 +37,38 @@ def mac_breakdown(
     cfg = model.config if isinstance(model, MetaViT) else model
     plan = Plan.full(cfg) if plan is None else plan
     b = plan.batch_size
-    zeros = lambda: torch.zeros(b, dtype=torch.int64)  # noqa: E731
-    parts = {k: zeros() for k in (*MATMUL_PARTS, "norm")}
+    parts = {k: torch.zeros(b, dtype=torch.int64) for k in (*MATMUL_PARTS, "norm")}
     hd = cfg.head_dim
-    widths, heads, hidden = plan.widths, plan.heads, plan.mlp_hidden(cfg)
-
     parts["patch_embed"] += cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
-    n = torch.full((b,), cfg.num_patches + 1, dtype=torch.int64)  # tokens incl. cls
-    for i in range(cfg.depth):
-        stage, first = divmod(i, cfg.stage_depth)
-        w, h, m = widths[:, stage], heads[:, i], hidden[:, i]
-        if first == 0 and stage > 0:
-            w_prev = widths[:, stage - 1]
-            parts["stage_map"] += torch.where(w != w_prev, n * w_prev * w, 0)
-        inner = h * hd
+    for s in walk(cfg, plan, _tokens_after(reducer)):
+        w, n, inner, m = s.width, s.tokens_in, s.heads * hd, s.mlp_hidden
+        if s.starts_stage:
+            parts["stage_map"] += torch.where(w != s.prev_width, n * s.prev_width * w, 0)
         parts["norm"] += n * w
         parts["qkv"] += n * w * 3 * inner
-        parts["attention"] += 2 * h * n * n * hd
+        parts["attention"] += 2 * s.heads * n * n * hd
+        if s.starts_stage:  # the cls query's attention once more, as token importance, where tokens go
+            parts["attention"] += torch.where(s.merge_k < n - 1, s.heads * n * hd, 0)
         parts["proj"] += n * inner * w
-        if first == 0 and stage > 0:
-            keep_k = kept_count(n - 1, plan.keep[:, stage])
-            merge_k = kept_count(keep_k, plan.merge_keep[:, stage])
-            parts["token_merge"] += (keep_k - merge_k) * merge_k * w
-            n = merge_k + 1
+        parts["token_merge"] += (s.prune_k - s.merge_k) * s.merge_k * w
         if reducer is not None:
-            n_before = n
-            n = torch.tensor([reducer.tokens_after(i, int(t)) for t in n_before], dtype=torch.int64)
             parts["token_merge"] += torch.tensor(
-                [reducer.extra_macs(i, int(t), int(wi), hd) for t, wi in zip(n_before, w)], dtype=torch.int64
-            )
+                [reducer.extra_macs(s.block, int(t), int(wi), hd) for t, wi in zip(s.merge_k + 1, w)],
+                dtype=torch.int64)
+        n = s.tokens_out
         parts["norm"] += n * w
         parts["fc1"] += n * w * m
         parts["fc2"] += n * m * w
-    w_last = widths[:, -1]
+    w_last = plan.widths[:, -1]
     parts["norm"] += w_last
     parts["head"] += w_last * cfg.num_classes
     return parts
+
+
+def _tokens_after(reducer: CostedReducer | None) -> TokensAfter | None:
+    if reducer is None:
+        return None
+    return lambda block, n: torch.tensor([reducer.tokens_after(block, int(t)) for t in n], dtype=torch.int64)
 
 
 def macs_per_sample(
@@ -94,17 +91,14 @@ def params_per_sample(model: MetaViT | ViTConfig, plan: Plan | None = None) -> t
     total = torch.full((plan.batch_size,), 0, dtype=torch.int64)
     total += cfg.in_chans * cfg.patch_size**2 * d + d  # patch embedding
     total += d + (cfg.num_patches + 1) * d  # cls token + position embedding
-    widths, heads, hidden = plan.widths, plan.heads, plan.mlp_hidden(cfg)
     qkv_bias = 1 if cfg.qkv_bias else 0
-    for i in range(cfg.depth):
-        stage, first = divmod(i, cfg.stage_depth)
-        w, inner, m = widths[:, stage], heads[:, i] * hd, hidden[:, i]
-        if first == 0 and stage > 0:
-            w_prev = widths[:, stage - 1]
-            total += torch.where(w != w_prev, w_prev * w + w, 0)
+    for s in walk(cfg, plan):
+        w, inner, m = s.width, s.heads * hd, s.mlp_hidden
+        if s.starts_stage:
+            total += torch.where(w != s.prev_width, s.prev_width * w + w, 0)
         total += 2 * w + (w * 3 * inner + 3 * inner * qkv_bias) + (inner * w + w)  # norm1, qkv, proj
         total += 2 * w + (w * m + m) + (m * w + w)  # norm2, fc1, fc2
-    w_last = widths[:, -1]
+    w_last = plan.widths[:, -1]
     total += 2 * w_last + w_last * cfg.num_classes + cfg.num_classes
     return total
 
@@ -116,14 +110,5 @@ def count_params(model: MetaViT | ViTConfig, plan: Plan | None = None) -> int:
 
 def token_fractions(config: ViTConfig, plan: Plan, reducer: CostedReducer | None = None) -> torch.Tensor:
     """``[B, S]`` fraction of the original patch tokens each stage ends with (plan and/or reducer)."""
-    n = torch.full((plan.batch_size,), config.num_patches + 1, dtype=torch.int64)  # incl. cls
-    fractions = []
-    for i in range(config.depth):
-        stage, first = divmod(i, config.stage_depth)
-        if first == 0 and stage > 0:
-            n = kept_count(kept_count(n - 1, plan.keep[:, stage]), plan.merge_keep[:, stage]) + 1
-        if reducer is not None:
-            n = torch.tensor([reducer.tokens_after(i, int(t)) for t in n], dtype=torch.int64)
-        if first == config.stage_depth - 1:
-            fractions.append((n - 1).double() / config.num_patches)
-    return torch.stack(fractions, dim=1)
+    ends = [s.tokens_out for s in walk(config, plan, _tokens_after(reducer)) if s.ends_stage]
+    return torch.stack([(n - 1).double() / config.num_patches for n in ends], dim=1)

@@ -194,9 +194,15 @@ class Plan:
         return self.widths.repeat_interleave(config.stage_depth, dim=1)
 
     def mlp_hidden(self, config: ViTConfig) -> torch.Tensor:
-        """``[B, depth]`` MLP hidden width each block runs at (``round(ratio · width)``)."""
+        """``[B, depth]`` MLP hidden width each block runs at (``round(ratio · width)``); computed
+        once per plan, which is immutable (the engine asks at every stage)."""
+        cached = self.__dict__.get("_mlp_hidden")
+        if cached is not None and cached[0] == config:
+            return cached[1]
         hidden = torch.round(self.mlp_ratios * self.block_widths(config).to(torch.float64))
-        return hidden.clamp_min(1).to(torch.int64)
+        hidden = hidden.clamp_min(1).to(torch.int64)
+        object.__setattr__(self, "_mlp_hidden", (config, hidden))
+        return hidden
 
     # ----------------------------------------------------------------- validation
     def validate(self, config: ViTConfig, space: SearchSpace) -> "Plan":

@@ -71,15 +71,15 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, heads: int, key_bias: torch.Tensor | None = None, need_attn: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Physical path. Returns (output, attention probs if ``need_attn``, keys)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Physical path. Returns (output, attention probs if ``need_attn``, queries, keys)."""
         b, n, w = x.shape
         weight, bias = self.qkv_params(w, heads)
         q, k, v = F.linear(x, weight, bias).view(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out, attn = self._attend(q, k, v, key_bias, need_attn)
         out = out.transpose(1, 2).reshape(b, n, heads * self.head_dim)
         out = F.linear(out, self.proj.weight[:w, : heads * self.head_dim], self.proj.bias[:w])
-        return out, attn, k
+        return out, attn, q, k
 
     def forward_masked(
         self,
@@ -88,15 +88,16 @@ class Attention(nn.Module):
         head_mask: torch.Tensor,
         key_bias: torch.Tensor | None,
         need_attn: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Masked path: ``head_mask`` [B, H] zeroes q, k, v of inactive heads (their output is 0)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Masked path: ``head_mask`` [B, H] zeroes q, k, v of inactive heads (their output is 0).
+        Returns (output, attention probs if ``need_attn``, queries, keys)."""
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         hm = head_mask[:, :, None, None].to(x.dtype)
         q, k, v = qkv[0] * hm, qkv[1] * hm, qkv[2] * hm
         out, attn = self._attend(q, k, v, key_bias, need_attn)
         out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.proj(out) * channel_mask, attn, k
+        return self.proj(out) * channel_mask, attn, q, k
 
 
 class Mlp(nn.Module):

@@ -12,6 +12,7 @@ ratios applied in the first block of stages 1.. after attention and before the M
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
 from prance.model.layers import Block, ElasticLayerNorm, StageMap
-from prance.plan import Plan, kept_count
+from prance.plan import Plan
+from prance.schedule import stage_steps
 from prance.tokens import ops as token_ops
 from prance.tokens.state import TokenState
 
@@ -135,33 +137,28 @@ class MetaViT(nn.Module):
         self, x: torch.Tensor, plan: Plan, reducer: TokenReducer | None, trace: list[TokenState] | None
     ) -> torch.Tensor:
         """Physical execution of a batch whose images all share the single-row ``plan``."""
-        cfg = self.config
-        widths = plan.widths[0].tolist()
-        heads = plan.heads[0].tolist()
-        hidden = plan.mlp_hidden(cfg)[0].tolist()
-        keep, merge_keep = plan.keep[0].tolist(), plan.merge_keep[0].tolist()
         state = TokenState.start(self.embed(x), track_source=trace is not None)
         sized = False  # True once merging made token sizes differ from 1
-        for i, blk in enumerate(self.blocks):
-            stage, first = divmod(i, cfg.stage_depth)
-            reduce_here = first == 0 and stage > 0 and (keep[stage] < 1 or merge_keep[stage] < 1)
-            if first == 0 and stage > 0 and widths[stage] != widths[stage - 1]:
-                state = state.with_x(self.stage_maps[stage - 1](state.x, widths[stage]))
-            need_attn = reduce_here or (reducer is not None and reducer.needs_attn(i))
-            bias = state.attn_bias() if sized else None
-            h, attn, keys = blk.attn(blk.norm1(state.x), heads[i], bias, need_attn)
-            state = state.with_x(state.x + h)
-            if reduce_here:
-                n = state.x.shape[1] - 1
-                keep_k = int(kept_count(n, keep[stage]))
-                merge_k = int(kept_count(keep_k, merge_keep[stage]))
-                state = token_ops.reduce(state, token_ops.cls_importance(attn), keep_k, merge_k)
-                sized = sized or merge_k < keep_k
-            if reducer is not None:
-                state = reducer(i, state, attn, keys)
-                sized = True
-            state = state.with_x(state.x + blk.mlp(blk.norm2(state.x), hidden[i]))
-            if trace is not None and first == cfg.stage_depth - 1:
+        for stage in range(self.config.num_stages):
+            for s in stage_steps(self.config, plan, stage, torch.tensor([state.x.shape[1]])):
+                blk = self.blocks[s.block]
+                width = int(s.width[0])
+                if s.starts_stage and width != int(s.prev_width[0]):
+                    state = state.with_x(self.stage_maps[stage - 1](state.x, width))
+                bias = state.attn_bias() if sized else None
+                need_attn = reducer is not None and reducer.needs_attn(s.block)
+                h, attn, q, keys = blk.attn(blk.norm1(state.x), int(s.heads[0]), bias, need_attn)
+                state = state.with_x(state.x + h)
+                if s.reduces_tokens:
+                    importance = token_ops.attention_importance(q, keys, blk.attn.scale, _key_mask(bias))
+                    prune_k, merge_k = int(s.prune_k[0]), int(s.merge_k[0])
+                    state = token_ops.reduce(state, importance, prune_k, merge_k)
+                    sized = sized or merge_k < prune_k
+                if reducer is not None:
+                    state = reducer(s.block, state, attn, keys)
+                    sized = True
+                state = state.with_x(state.x + blk.mlp(blk.norm2(state.x), int(s.mlp_hidden[0])))
+            if trace is not None:
                 trace.append(state)
         return self.classify(self.norm(state.x[:, 0]))
 
@@ -171,43 +168,92 @@ class MetaViT(nn.Module):
 
     # ------------------------------------------------------------------ masked path
     def _forward_masked(self, x: torch.Tensor, plan: Plan, trace: list[TokenState] | None) -> torch.Tensor:
-        cfg = self.config
-        dev, dtype = x.device, x.dtype
-        d = cfg.embed_dim
-        widths = plan.widths.to(dev)
-        channel_masks = (torch.arange(d, device=dev) < widths[:, :, None]).to(dtype)  # [B, S, D]
-        width_f = widths.to(dtype)
-        hidden = plan.mlp_hidden(cfg).to(dev)
-        hidden_dim = self.blocks[0].mlp.fc1.out_features
-        head_masks = torch.arange(cfg.num_heads, device=dev) < plan.heads.to(dev)[:, :, None]  # [B, depth, H]
-        keep, merge_keep = plan.keep.to(dev), plan.merge_keep.to(dev)
+        state = self.start_masked(x, plan, track_source=trace is not None, trace=trace)
+        while state.stage < self.config.num_stages:
+            state = self.run_stage_masked(state, trace=trace)
+        return self.logits_masked(state)
 
-        state = TokenState.start(self.embed(x), track_source=trace is not None, masked=True)
-        for i, blk in enumerate(self.blocks):
-            stage, first = divmod(i, cfg.stage_depth)
-            cm = channel_masks[:, stage, None, :]
-            wf = width_f[:, stage, None, None]
-            reduce_here = first == 0 and stage > 0 and bool(((keep[:, stage] < 1) | (merge_keep[:, stage] < 1)).any())
-            if first == 0 and stage > 0:
-                changed = widths[:, stage] != widths[:, stage - 1]
-                if bool(changed.any()):
-                    mapped = self.stage_maps[stage - 1].forward_masked(state.x, cm)
-                    state = state.with_x(torch.where(changed[:, None, None], mapped, state.x))
-            h, attn, _ = blk.attn.forward_masked(
-                blk.norm1.forward_masked(state.x, cm, wf), cm, head_masks[:, i], state.attn_bias(), reduce_here
-            )
-            state = state.with_x(state.x + h)
-            if reduce_here:
-                keep_k = kept_count(state.num_patches(), keep[:, stage])
-                merge_k = kept_count(keep_k, merge_keep[:, stage])
-                importance = token_ops.cls_importance(attn, head_masks[:, i])
-                state = token_ops.reduce_masked(state, importance, keep_k.to(dev), merge_k.to(dev))
-            hm = (torch.arange(hidden_dim, device=dev) < hidden[:, i, None]).to(dtype)[:, None, :]
-            mlp_out = blk.mlp.forward_masked(blk.norm2.forward_masked(state.x, cm, wf), cm, hm)
-            state = state.with_x(state.x + mlp_out)
-            if trace is not None and first == cfg.stage_depth - 1:
-                trace.append(state)
-        last = cfg.num_stages - 1
-        cls = self.norm.forward_masked(state.x[:, :1], channel_masks[:, last, None, :], width_f[:, last, None, None])
+    def start_masked(self, x: torch.Tensor, plan: Plan | None = None, track_source: bool = False,
+                     trace: list[TokenState] | None = None) -> MaskedState:
+        """Masked path, stepwise: embed ``x`` and run stage 0 (``plan`` — default full size —
+        holds the stages to come until they are replaced). Autograd flows through every step."""
+        self.check_input(x)
+        plan = (self.full_plan if plan is None else plan).validate(self.config, self.space).expand(x.shape[0])
+        tokens = TokenState.start(self.embed(x), track_source=track_source, masked=True)
+        return self.run_stage_masked(MaskedState(0, tokens, plan, None), trace=trace)
+
+    def run_stage_masked(self, state: MaskedState, plan: Plan | None = None,
+                         trace: list[TokenState] | None = None) -> MaskedState:
+        """Stage ``state.stage`` of every image under ``plan`` (default: the state's plan) in
+        masked execution; a new state (``state`` itself is never changed, so it can be continued
+        several ways). The new state's plan is ``plan``."""
+        cfg, t = self.config, state.tokens
+        if state.stage >= cfg.num_stages:
+            raise PranceError("every stage has run; read the logits with logits_masked")
+        plan = state.plan if plan is None else plan.validate(cfg, self.space).expand(t.x.shape[0])
+        dev, dtype = t.x.device, t.x.dtype
+        steps = stage_steps(cfg, plan, state.stage, t.num_patches().cpu() + 1)
+        first = steps[0]
+        width = first.width.to(dev)
+        cm = (torch.arange(cfg.embed_dim, device=dev) < width[:, None]).to(dtype)[:, None, :]
+        wf = width.to(dtype)[:, None, None]
+        if first.starts_stage:
+            changed = (first.width != first.prev_width).to(dev)
+            if bool(changed.any()):
+                mapped = self.stage_maps[state.stage - 1].forward_masked(t.x, cm)
+                t = t.with_x(torch.where(changed[:, None, None], mapped, t.x))
+        key_means = None
+        for s in steps:
+            blk = self.blocks[s.block]
+            heads = s.heads.to(dev)
+            head_mask = torch.arange(cfg.num_heads, device=dev) < heads[:, None]
+            bias = t.attn_bias()
+            h, _, q, k = blk.attn.forward_masked(blk.norm1.forward_masked(t.x, cm, wf), cm, head_mask, bias)
+            t = t.with_x(t.x + h)
+            if s.reduces_tokens:
+                importance = token_ops.attention_importance(q, k, blk.attn.scale, _key_mask(bias), heads)
+                t = token_ops.reduce_masked(t, importance, s.prune_k.to(dev), s.merge_k.to(dev))
+            hidden_dim = blk.mlp.fc1.out_features
+            hm = (torch.arange(hidden_dim, device=dev) < s.mlp_hidden.to(dev)[:, None]).to(dtype)[:, None, :]
+            t = t.with_x(t.x + blk.mlp.forward_masked(blk.norm2.forward_masked(t.x, cm, wf), cm, hm))
+            if s.ends_stage and s.stage < cfg.num_stages - 1:
+                # Keys averaged over the active heads' channels (inactive heads' keys are zero).
+                key_means = k.sum((1, 3)) / (heads * blk.attn.head_dim).to(dtype)[:, None]
+        if trace is not None:
+            trace.append(t)
+        return MaskedState(state.stage + 1, t, plan, key_means)
+
+    def logits_masked(self, state: MaskedState) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of a masked state that has run every stage."""
+        if state.stage != self.config.num_stages:
+            raise PranceError(f"stage {state.stage} has not run yet; run every stage before reading the logits")
+        x, d = state.tokens.x, self.config.embed_dim
+        width = state.plan.widths[:, -1].to(x.device)
+        cm = (torch.arange(d, device=x.device) < width[:, None]).to(x.dtype)[:, None, :]
+        cls = self.norm.forward_masked(x[:, :1], cm, width.to(x.dtype)[:, None, None])
         return self.head(cls[:, 0])
 
+
+@dataclass(frozen=True)
+class MaskedState:
+    """A batch partway through the masked path: every image has run the stages before ``stage``.
+
+    tokens:    the masked token state after stage ``stage - 1``.
+    plan:      ``[B]`` rows; the stages that ran, and the defaults of those to come.
+    key_means: ``[B, N]`` the last block's keys averaged over the channels of its active heads,
+               at every token position (removed tokens included); None after the last stage.
+    """
+
+    stage: int
+    tokens: TokenState
+    plan: Plan
+    key_means: torch.Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.x.shape[0]
+
+
+def _key_mask(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``[B, N]`` key bias as an attention mask ``[B, 1, 1, N]``."""
+    return None if bias is None else bias[:, None, None, :]

@@ -2,6 +2,7 @@
 
 from prance.tokens.baselines import EViTReducer, Reducer, ToMeReducer
 from prance.tokens.ops import (
+    attention_importance,
     bipartite_soft_matching,
     cls_importance,
     merge,
@@ -20,6 +21,7 @@ from prance.tokens.ops import (
 from prance.tokens.state import TokenState
 
 __all__ = [
+    "attention_importance",
     "EViTReducer",
     "Reducer",
     "ToMeReducer",

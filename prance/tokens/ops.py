@@ -46,6 +46,26 @@ def cls_importance(attn: torch.Tensor, head_mask: torch.Tensor | None = None) ->
     return torch.where(active, row, 0).sum(1) / active.sum(1).clamp_min(1)
 
 
+def attention_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                         heads: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, N-1]`` importance from queries and keys ``[B, H, N, hd]``: the cls row's attention
+    probabilities, averaged over each image's active heads (the first ``heads[b]``; all for None).
+
+    The one importance of PRANCE's token reduction: the engine, the physical and the masked
+    path all call it, so an image keeps and merges the same tokens whichever runs it. Only
+    the cls query row is computed. ``mask`` is an additive key bias broadcastable to
+    ``[B, H, 1, N]`` (log sizes; -inf for padded or removed keys, which get probability 0).
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    probs = logits.softmax(-1)[:, :, 0, 1:]  # [B, H, N-1]
+    if heads is None or bool((heads == q.shape[1]).all()):
+        return probs.mean(1)
+    active = (torch.arange(q.shape[1], device=q.device) < heads[:, None]).to(probs.dtype)[:, :, None]
+    return (probs * active).sum(1) / heads[:, None].to(probs.dtype)
+
+
 def _order(importance: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
     """Patch indices by descending importance, ties to the lower index; dead tokens last."""
     order = importance.sort(dim=-1, descending=True, stable=True).indices
