@@ -30,6 +30,12 @@ class StageState:
                to the initial token count ``N0``.
     tokens:    ``[B]`` surviving tokens, cls included.
     widths:    ``[B]`` residual width of the stage that just ended.
+    budget:    ``[B]`` float64, each image's budget slot (e.g. target MACs as a fraction of
+               dense) as given to ``run`` / ``rollout``; NaN where none was given (DESIGN.md
+               §3, one selector for many budgets).
+
+    All are ordinary tensors (never inference tensors, never attached to a graph), so a
+    buffer of states can be fed to a policy network with autograd later.
     """
 
     stage: int
@@ -37,6 +43,7 @@ class StageState:
     key_means: torch.Tensor
     tokens: torch.Tensor
     widths: torch.Tensor
+    budget: torch.Tensor
 
 
 class StagePolicy(Protocol):

@@ -1,5 +1,17 @@
-"""Execution engine: per-image plans run physically, grouped and packed for real speed."""
+"""Execution engine: per-image plans run physically (grouped, packed) or masked, stage by stage."""
 
-from prance.engine.executor import ATTENTION_MODES, DynamicExecutor
+from prance.engine.executor import ATTENTION_MODES, DynamicExecutor, ExecutionState
+from prance.engine.masked import MaskedExecutionState, MaskedExecutor
+from prance.engine.stepwise import Outcome, Rollout, RolloutStep, StepwiseExecutor
 
-__all__ = ["ATTENTION_MODES", "DynamicExecutor"]
+__all__ = [
+    "ATTENTION_MODES",
+    "DynamicExecutor",
+    "ExecutionState",
+    "MaskedExecutionState",
+    "MaskedExecutor",
+    "Outcome",
+    "Rollout",
+    "RolloutStep",
+    "StepwiseExecutor",
+]

@@ -25,7 +25,7 @@ The engine reads the meta-network's weights, it owns none; for every image its l
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from prance.errors import PranceError
 from prance.model.layers import Block
 from prance.model.metavit import MetaViT
-from prance.plan import Plan, kept_count
-from prance.policy import StagePolicy, StageState
+from prance.engine.stepwise import StepwiseExecutor, budget_slot
+from prance.plan import Plan
+from prance.schedule import stage_steps
+from prance.policy import StageState
 from prance.tokens import ops as token_ops
 from prance.tokens.state import TokenState
 
@@ -75,12 +77,12 @@ class _Group:
         """A mixed group's ``[T, 1]`` active width and ``[T, w]`` channel mask of every row (cached)."""
         if self.mask_cache is None:
             wr = torch.repeat_interleave(self.img_w, self.counts)[:, None]
-            self.mask_cache = wr.to(self.x.dtype), (torch.arange(self.width) < wr).to(self.x.dtype)
+            self.mask_cache = wr.to(self.x.dtype), (torch.arange(self.width, device=wr.device) < wr).to(self.x.dtype)
         return self.mask_cache
 
     def widths(self) -> torch.Tensor:
         """``[G]`` each image's own residual width."""
-        return self.img_w if self.mixed else torch.full((len(self.counts),), self.width)
+        return self.img_w if self.mixed else torch.full_like(self.counts, self.width)
 
     @property
     def width(self) -> int:
@@ -96,11 +98,11 @@ class _Group:
 
     def row_image(self) -> torch.Tensor:
         """``[T]`` position in the group of each row's image."""
-        return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts)
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
 
     def sort_rows(self, values: list[int]) -> tuple[list[int], torch.Tensor, list[int]]:
         """Distinct per-image values (ascending), the rows sorted by their image's value, rows per value."""
-        distinct, inverse = torch.tensor(values).unique(return_inverse=True)
+        distinct, inverse = torch.tensor(values, device=self.counts.device).unique(return_inverse=True)
         row_key = inverse[self.row_image()]
         order = row_key.sort(stable=True).indices
         return distinct.tolist(), order, torch.bincount(row_key, minlength=len(distinct)).tolist()
@@ -132,9 +134,34 @@ class _Grid:
     def rows_of(self, g: _Group) -> torch.Tensor:
         """``[T]`` grid row (``slot * n_max + token``) of every packed row of ``g`` (cached on ``g``)."""
         if g.grid_rows is None:
-            within = torch.arange(len(g.x)) - torch.repeat_interleave(g.offsets()[:-1], g.counts)
+            within = torch.arange(len(g.x), device=g.counts.device) - torch.repeat_interleave(g.offsets()[:-1], g.counts)
             g.grid_rows = torch.repeat_interleave(self.slot[g.images] * self.n_max, g.counts) + within
         return g.grid_rows
+
+
+@dataclass(frozen=True)
+class ExecutionState:
+    """A batch partway through the engine: every image has run the stages before ``stage``.
+
+    Continuing a state never changes it (every op writes into tensors it allocated), so one
+    state can be continued several ways (Result-to-Go). ``plan`` holds ``[B]`` rows: the stages
+    that ran and the defaults of those to come. ``key_means`` (``[B, N0]``) is the last block's
+    keys averaged over the active heads' channels, zero past each image's tokens; None when
+    no decision follows or ``observed`` is False. ``budget`` is ``[B]`` float64 (NaN: none).
+    """
+
+    stage: int
+    groups: tuple[_Group, ...]
+    plan: Plan
+    sized: bool  # some tokens stand for several patches (merged): attention adds log sizes
+    key_means: torch.Tensor | None
+    budget: torch.Tensor
+    n0: int
+    observed: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
 
 
 def cheapest_cut(k: int, cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
@@ -198,7 +225,7 @@ def _runs(values: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
 
 def _token_counts(groups: list[_Group], b: int) -> torch.Tensor:
     """``[B]`` tokens (cls included) of every batch image."""
-    counts = torch.empty(b, dtype=torch.int64)
+    counts = groups[0].counts.new_empty(b)
     for g in groups:
         counts[g.images] = g.counts
     return counts
@@ -213,11 +240,11 @@ def _rows(offsets: torch.Tensor, counts: torch.Tensor, order: torch.Tensor) -> t
     """Packed row indices of images ``order`` (each image's rows, image after image)."""
     c = counts[order]
     starts = offsets[:-1][order]
-    within = torch.arange(int(c.sum())) - torch.repeat_interleave(F.pad(c.cumsum(0), (1, 0))[:-1], c)
+    within = torch.arange(int(c.sum()), device=c.device) - torch.repeat_interleave(F.pad(c.cumsum(0), (1, 0))[:-1], c)
     return torch.repeat_interleave(starts, c) + within
 
 
-class DynamicExecutor:
+class DynamicExecutor(StepwiseExecutor):
     """Runs a :class:`MetaViT` with one plan per image, physically, in grouped sub-batches.
 
     ``attention`` — ``"auto"`` (cost model, default), ``"exact"`` (no padding) or ``"padded"``
@@ -242,80 +269,145 @@ class DynamicExecutor:
         self.group_call_macs = group_call_macs
         self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def __call__(self, x: torch.Tensor, plan: Plan | None = None, policy: StagePolicy | None = None) -> torch.Tensor:
-        """Logits ``[B, num_classes]``; see :meth:`run`."""
-        return self.run(x, plan, policy)[0]
-
+    # ------------------------------------------------------------------ stepwise API
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, plan: Plan | None = None, policy: StagePolicy | None = None
-            ) -> tuple[torch.Tensor, Plan]:
-        """Logits and the plan that was executed.
-
-        ``plan`` — one row for the batch or one per image (default: full size). ``policy`` —
-        a selector called once per stage ``s >= 1`` with the whole batch's
-        :class:`~prance.policy.StageState`; its stage-``s`` decisions replace the plan's.
-        """
-        model, cfg = self.model, self.model.config
+    def start(self, x: torch.Tensor, plan: Plan | None = None, budget: torch.Tensor | float | None = None,
+              observed: bool = True) -> ExecutionState:
+        """Embed ``x`` and run stage 0 (``plan``, default full size, holds the stages to come).
+        ``observed=False`` skips what only a policy reads (the key means)."""
+        model = self.model
         model.check_input(x)
         b = x.shape[0]
-        plan = (model.full_plan if plan is None else plan).validate(cfg, model.space).expand(b)
+        plan = (model.full_plan if plan is None else plan).validate(model.config, model.space).expand(b)
         tokens = model.embed(x)
         n0 = tokens.shape[1]
-        groups = [_Group(torch.arange(b), torch.full((b,), n0), tokens.reshape(b * n0, -1),
-                         torch.ones(b * n0, dtype=x.dtype))]
-        grid, sized, key_means = None, False, None
-        for i, blk in enumerate(model.blocks):
-            stage, first = divmod(i, cfg.stage_depth)
-            reduce_stage = first == 0 and stage > 0
-            if reduce_stage and policy is not None:
-                state = self._stage_state(stage, groups, key_means, b, n0)
-                plan = plan.with_stage(cfg, stage, policy(state)).validate(cfg, model.space)
-            if i == 0 or (reduce_stage and policy is not None):
-                heads, hidden = plan.heads.tolist(), plan.mlp_hidden(cfg).tolist()
-            if reduce_stage:
-                groups = self._regroup(groups, plan.widths[:, stage].tolist(), stage)
+        counts = torch.full((b,), n0, device=x.device)
+        group = _Group(torch.arange(b, device=x.device), counts, tokens.reshape(b * n0, -1),
+                       x.new_ones(b * n0))
+        return self._advance(ExecutionState(0, (group,), plan, False, None, budget_slot(budget, b), n0, observed), plan)
+
+    def advance(self, state: ExecutionState, plan: Plan) -> ExecutionState:
+        with torch.inference_mode():
+            return self._advance(state, plan)
+
+    def _advance(self, state: ExecutionState, plan: Plan) -> ExecutionState:
+        """Run stage ``state.stage`` of every image under its row of ``plan``."""
+        model, cfg = self.model, self.model.config
+        stage, b = state.stage, state.batch_size
+        if stage >= cfg.num_stages:
+            raise PranceError("every stage has run; read the logits with finish()")
+        groups, sized = list(state.groups), state.sized
+        steps = stage_steps(cfg, plan, stage, _token_counts(groups, b).cpu())
+        if stage > 0:
+            groups = self._regroup(groups, steps[0].width.tolist(), stage)
+        want_keys = stage < cfg.num_stages - 1 and state.observed
+        grid, key_means = None, None
+        for s in steps:
+            i, blk = s.block, model.blocks[s.block]
+            block_heads, block_hidden = s.heads.tolist(), s.mlp_hidden.tolist()
             reduce = None
-            if reduce_stage:
-                counts = _token_counts(groups, b)
-                keep_k = kept_count(counts - 1, plan.keep[:, stage])
-                merge_k = kept_count(keep_k, plan.merge_keep[:, stage])
-                if bool((merge_k < counts - 1).any()):
-                    reduce = (keep_k, merge_k)
-            want_keys = policy is not None and first == cfg.stage_depth - 1 and stage < cfg.num_stages - 1
-            block_heads, block_hidden = [h[i] for h in heads], [h[i] for h in hidden]
+            if s.reduces_tokens:
+                dev = groups[0].counts.device
+                reduce = (s.prune_k.to(dev), s.merge_k.to(dev))
+            keys = want_keys and s.ends_stage
             if _uniform(groups, block_heads, block_hidden, reduce):
                 # Every image runs this block identically (always so at batch 1): plain sliced tensors.
                 groups, key_means = self._uniform_block(i, blk, groups[0], block_heads[0], block_hidden[0], reduce,
-                                                        sized, want_keys)
+                                                        sized, keys)
                 grid = None
                 if reduce is not None:
                     sized = sized or bool((reduce[1] < reduce[0]).any())
                 continue
             if grid is None:
                 grid = self._grid(groups, b, sized)
-            groups, importance, key_means = self._attention(
-                i, blk, groups, grid, block_heads, reduce is not None, want_keys)
+            groups, importance, key_means = self._attention(i, blk, groups, grid, block_heads, reduce is not None, keys)
             if reduce is not None:
-                keep_k, merge_k = reduce
-                if bool((merge_k == keep_k).all()):
-                    groups = self._prune(groups, grid, importance, keep_k)
+                prune_k, merge_k = reduce
+                if bool((merge_k == prune_k).all()):
+                    groups = self._prune(groups, grid, importance, prune_k)
                 else:
                     sized = True
-                    groups = [self._reduce(g, importance[grid.slot[g.images]], keep_k[g.images], merge_k[g.images])
+                    groups = [self._reduce(g, importance[grid.slot[g.images]], prune_k[g.images], merge_k[g.images])
                               for g in groups]
                 grid = None
             groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images.tolist()]) for g in groups]
-        logits = x.new_empty(b, cfg.num_classes)
-        for g in groups:
+        if key_means is not None:  # zero past each image's tokens, padded to the initial count
+            counts = _token_counts(groups, b)
+            n = key_means.shape[1]
+            padded = key_means.new_zeros(b, state.n0)
+            padded[:, :n] = key_means.masked_fill(torch.arange(n, device=counts.device) >= counts[:, None], 0.0)
+            key_means = padded
+        return ExecutionState(stage + 1, tuple(groups), plan, sized, key_means, state.budget, state.n0, state.observed)
+
+    def logits(self, state: ExecutionState) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._logits(state)
+
+    def _logits(self, state: ExecutionState) -> torch.Tensor:
+        model = self.model
+        if state.stage != model.config.num_stages:
+            raise PranceError(f"stage {state.stage} has not run yet; finish the state before reading the logits")
+        x0 = state.groups[0].x
+        logits = x0.new_empty(state.batch_size, model.config.num_classes)
+        for g in state.groups:
             cls = g.x[g.offsets()[:-1]]
             if g.mixed:
                 wr = g.img_w[:, None]
-                cls = _masked_layer_norm(cls, wr.to(cls.dtype), (torch.arange(g.width) < wr).to(cls.dtype),
-                                         *self._norm_params(("norm",), model.norm, g.width), model.norm.eps)
+                mask = (torch.arange(g.width, device=wr.device) < wr).to(cls.dtype)
+                cls = _masked_layer_norm(cls, wr.to(cls.dtype), mask, *self._norm_params(("norm",), model.norm, g.width),
+                                         model.norm.eps)
             else:
                 cls = self._norm(("norm",), model.norm, cls)
             logits[g.images] = model.classify(cls)
-        return logits, plan
+        return logits
+
+    def observe(self, state: ExecutionState) -> StageState:
+        """The policy's view of ``state``: ordinary tensors (made outside inference mode)."""
+        if state.key_means is None:
+            raise PranceError(f"no decision is taken before stage {state.stage}; observe states before stages 1.."
+                              f"{self.model.config.num_stages - 1}")
+        b, d = state.batch_size, self.model.config.embed_dim
+        cls = state.key_means.new_zeros(b, d)
+        tokens, widths = _token_counts(state.groups, b), state.groups[0].counts.new_empty(b)
+        for g in state.groups:
+            cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
+            widths[g.images] = g.widths()
+        return StageState(state.stage, cls, state.key_means.clone(), tokens, widths, state.budget.clone())
+
+    def cat(self, states: Sequence[ExecutionState]) -> ExecutionState:
+        """The images of ``states`` (all at one stage) in one state; tensors are shared, not copied."""
+        first, groups, offset = states[0], [], 0
+        for st in states:
+            if st.stage != first.stage or st.n0 != first.n0:
+                raise PranceError("only states at the same stage can be joined")
+            groups += [replace(g, images=g.images + offset, grid_rows=None) for g in st.groups]
+            offset += st.batch_size
+        key_means = None if first.key_means is None else torch.cat([st.key_means for st in states])
+        return ExecutionState(first.stage, tuple(groups), Plan.cat([st.plan for st in states]),
+                              any(st.sized for st in states), key_means,
+                              torch.cat([st.budget for st in states]), first.n0, first.observed)
+
+    def select(self, state: ExecutionState, images: torch.Tensor) -> ExecutionState:
+        """The state of batch images ``images`` (distinct, in that order); untouched groups are shared."""
+        dev = state.groups[0].counts.device
+        images = torch.as_tensor(images, dtype=torch.int64, device=dev)
+        position = torch.full((state.batch_size,), -1, dtype=torch.int64, device=dev)
+        position[images] = torch.arange(len(images), device=dev)
+        groups = []
+        for g in state.groups:
+            p = position[g.images]
+            inside = p >= 0
+            if bool(inside.all()):
+                groups.append(replace(g, images=p, grid_rows=None))
+            elif bool(inside.any()):
+                keep = inside.nonzero().squeeze(1)
+                rows = _rows(g.offsets(), g.counts, keep)
+                groups.append(_Group(p[keep], g.counts[keep], g.x.index_select(0, rows), g.size.index_select(0, rows),
+                                     None if g.img_w is None else g.img_w[keep]))
+        cpu = images.cpu()
+        return ExecutionState(state.stage, tuple(groups), state.plan.select(cpu), state.sized,
+                              None if state.key_means is None else state.key_means[images],
+                              state.budget[cpu], state.n0, state.observed)
 
     def _uniform_block(self, i: int, blk: Block, g: _Group, heads: int, hidden: int,
                        reduce: tuple[torch.Tensor, torch.Tensor] | None, sized: bool, want_keys: bool
@@ -329,7 +421,7 @@ class DynamicExecutor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n_img, n, -1)
         x = x + F.linear(o, *self._proj(i, blk, w, heads))
         if reduce is not None:
-            importance = _cls_importance(attn.scale, q, k, mask)
+            importance = token_ops.attention_importance(q, k, attn.scale, mask)
             state = token_ops.reduce(TokenState(x, size), importance, int(reduce[0][0]), int(reduce[1][0]))
             x, size, n = state.x, state.size, state.x.shape[1]
         w1, b1, w2, b2 = self._fc(i, blk, w, hidden)
@@ -338,22 +430,8 @@ class DynamicExecutor:
         if want_keys:  # keys of this block, by batch image (the group may be a subset in any order)
             key_means = k.new_empty(int(g.images.max()) + 1, k.shape[2])
             key_means[g.images] = k.mean((1, 3))
-        out = _Group(g.images, torch.full((n_img,), n), x.reshape(n_img * n, w), size.reshape(-1))
+        out = _Group(g.images, torch.full_like(g.counts, n), x.reshape(n_img * n, w), size.reshape(-1))
         return [out], key_means
-
-    def _stage_state(self, stage: int, groups: list[_Group], key_means: torch.Tensor | None, b: int, n0: int
-                     ) -> StageState:
-        d = self.model.config.embed_dim
-        cls = groups[0].x.new_zeros(b, d)
-        tokens, widths = _token_counts(groups, b), torch.empty(b, dtype=torch.int64)
-        for g in groups:
-            cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
-            widths[g.images] = g.widths()
-        means = cls.new_zeros(b, n0)
-        if key_means is not None:
-            n = key_means.shape[1]
-            means[:, :n] = key_means.masked_fill(torch.arange(n) >= tokens[:, None], 0.0)
-        return StageState(stage, cls, means, tokens, widths)
 
     # ------------------------------------------------------------------ weights
     def _cached(self, key: tuple, sources: tuple[torch.Tensor, ...], make: Callable[[], tuple[torch.Tensor, ...]]
@@ -412,7 +490,7 @@ class DynamicExecutor:
         target = self._group_widths(groups, new_widths)
         pieces: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         for g in groups:
-            new_w = torch.tensor([new_widths[j] for j in g.images.tolist()])
+            new_w = torch.tensor([new_widths[j] for j in g.images.tolist()], device=g.counts.device)
             old_w = g.widths()
             changed = new_w != old_w
             w_top = int(new_w.max())
@@ -422,8 +500,8 @@ class DynamicExecutor:
                 x = mapped if bool(changed.all()) else torch.where(
                     torch.repeat_interleave(changed, g.counts)[:, None], mapped, x)
             if bool((new_w != w_top).any()):  # zero every row beyond its own new width
-                x = x * (torch.arange(w_top) < torch.repeat_interleave(new_w, g.counts)[:, None]).to(x.dtype)
-            dest = torch.tensor([target[w] for w in new_w.tolist()])
+                x = x * (torch.arange(w_top, device=x.device) < torch.repeat_interleave(new_w, g.counts)[:, None]).to(x.dtype)
+            dest = torch.tensor([target[w] for w in new_w.tolist()], device=g.counts.device)
             wanted = dest.unique().tolist()
             if len(wanted) == 1:
                 pieces.setdefault(wanted[0], []).append((g.images, g.counts, x, g.size, new_w))
@@ -480,7 +558,7 @@ class DynamicExecutor:
         counts = _token_counts(groups, b)
         order = counts.sort(stable=True).indices
         slot = torch.empty_like(order)
-        slot[order] = torch.arange(b)
+        slot[order] = torch.arange(b, device=order.device)
         sorted_counts = counts[order].tolist()
         attn = self.model.blocks[0].attn
         cut = buckets(sorted_counts, 2 * attn.num_heads * attn.head_dim, self.call_macs)
@@ -488,12 +566,13 @@ class DynamicExecutor:
         masked = [sized or sorted_counts[a] < n for a, _, n in cut]
         grid = _Grid(slot, n_max, cut, None, masked, None)
         if any(masked):
-            lengths = torch.tensor(sorted_counts)[:, None]
-            bucket_len = torch.cat([torch.full((z - a,), n) for a, z, n in cut])[:, None]
-            t = torch.arange(n_max)
+            dev = order.device
+            lengths = torch.tensor(sorted_counts, device=dev)[:, None]
+            bucket_len = torch.cat([torch.full((z - a,), n, device=dev) for a, z, n in cut])[:, None]
+            t = torch.arange(n_max, device=dev)
             pad = (t >= lengths) & (t < bucket_len)
             grid.pad_rows = pad.view(-1).nonzero().squeeze(1) if bool(pad.any()) else None
-            bias = torch.full((b * n_max,), float("-inf"), dtype=groups[0].x.dtype)
+            bias = torch.full((b * n_max,), float("-inf"), dtype=groups[0].x.dtype, device=dev)
             for g in groups:
                 bias[grid.rows_of(g)] = g.size.log() if sized else 0.0
             grid.key_bias = bias.view(b, n_max)
@@ -513,12 +592,13 @@ class DynamicExecutor:
         normed = [self._group_norm(("norm1", i), blk.norm1, g) for g in groups]
         # Fast path: one group holding every image in slot order with no padding needs no grid.
         direct = (len(groups) == 1 and len(grid.buckets) == 1 and not grid.masked[0] and len(set(heads)) == 1
-                  and bool((grid.slot[groups[0].images] == torch.arange(b)).all()))
+                  and bool((grid.slot[groups[0].images] == torch.arange(b, device=grid.slot.device)).all()))
         if direct:
             qkv = F.linear(normed[0], *self._qkv(i, blk, groups[0].width, h_max))
         else:
             zero = h_max != attn.num_heads or len(set(heads)) > 1  # unused heads must be zero
-            qkv = (torch.zeros if zero else torch.empty)(b * grid.n_max, 3, h_max, hd, dtype=groups[0].x.dtype)
+            qkv = groups[0].x.new_zeros if zero else groups[0].x.new_empty
+            qkv = qkv(b * grid.n_max, 3, h_max, hd)
             if grid.pad_rows is not None and not zero:
                 qkv.index_fill_(0, grid.pad_rows, 0.0)  # padded keys/values must be finite
             for g, h in zip(groups, normed):
@@ -529,21 +609,21 @@ class DynamicExecutor:
         qkv = qkv.view(b, grid.n_max, 3, h_max, hd)
         out = qkv.new_empty(b, grid.n_max, h_max, hd)
         importance = qkv.new_zeros(b, grid.n_max - 1) if need_importance else None
-        head_count = torch.tensor(heads, dtype=qkv.dtype)[grid.slot.argsort()] if need_importance else None
+        head_count = torch.tensor(heads, device=qkv.device)[grid.slot.argsort()] if need_importance else None
         for (a, z, n), masked in zip(grid.buckets, grid.masked):
             q, k, v = qkv[a:z, :n].permute(2, 0, 3, 1, 4)
             mask = grid.key_bias[a:z, None, None, :n] if masked else None
             out[a:z, :n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
             if need_importance:
-                importance[a:z, : n - 1] = _cls_importance(attn.scale, q, k, mask, head_count[a:z])
+                importance[a:z, : n - 1] = token_ops.attention_importance(q, k, attn.scale, mask, head_count[a:z])
         key_means = None
         if want_keys:
             k = qkv[:, :, 1]  # [slots, n_max, heads, hd]
             if len(set(heads)) == 1:
                 per_slot = k.mean((-2, -1))
             else:
-                head_count = torch.tensor(heads, dtype=qkv.dtype)[grid.slot.argsort()]
-                active = (torch.arange(h_max) < head_count[:, None]).to(qkv.dtype)
+                head_count = torch.tensor(heads, dtype=qkv.dtype, device=qkv.device)[grid.slot.argsort()]
+                active = (torch.arange(h_max, device=qkv.device) < head_count[:, None]).to(qkv.dtype)
                 per_slot = (k.sum(-1) * active[:, None, :]).sum(-1) / (head_count[:, None] * hd)
             key_means = per_slot[grid.slot]
         out = out.view(b * grid.n_max, h_max * hd)
@@ -555,7 +635,8 @@ class DynamicExecutor:
                 proj = F.linear(_take(o, rows)[:, : hv * hd], *self._proj(i, blk, g.width, hv))
                 if g.mixed:  # rows narrower than the group stay zero beyond their width
                     proj = proj * _take(g.masks()[1], rows)
-                x = x + proj if rows is None else x.index_add_(0, rows, proj)
+                # never in place into the incoming rows: they may belong to a state that is continued elsewhere
+                x = x + proj if rows is None else x.index_add(0, rows, proj) if x is g.x else x.index_add_(0, rows, proj)
             new_groups.append(g.with_x(x))
         return new_groups, importance, key_means
 
@@ -575,7 +656,7 @@ class DynamicExecutor:
         alive = torch.empty_like(keep_k)
         alive[grid.slot] = _token_counts(groups, len(keep_k)) - 1
         n = grid.n_max - 1
-        kept = token_ops.top_alive(importance, torch.arange(n) < alive[:, None], slot_counts)
+        kept = token_ops.top_alive(importance, torch.arange(n, device=alive.device) < alive[:, None], slot_counts)
         kept = torch.cat([kept.new_ones(len(kept), 1), kept], 1).view(-1)  # cls always stays
         out = []
         for g in groups:
@@ -600,8 +681,9 @@ class DynamicExecutor:
             state = TokenState(g.x.view(G, n_max, -1), g.size.view(G, n_max))
             state = token_ops.reduce(state, importance[:, : n_max - 1], int(keep_k[0]), int(merge_k[0]))
             n = state.x.shape[1]
-            return _Group(g.images, torch.full((G,), n), state.x.reshape(G * n, -1), state.size.reshape(-1), g.img_w)
-        valid = torch.arange(n_max) < g.counts[:, None]
+            return _Group(g.images, torch.full_like(g.counts, n), state.x.reshape(G * n, -1), state.size.reshape(-1),
+                          g.img_w)
+        valid = torch.arange(n_max, device=g.counts.device) < g.counts[:, None]
         x = g.x.new_zeros(G, n_max, g.width)
         x[valid] = g.x
         size = g.size.new_ones(G, n_max)
@@ -633,7 +715,7 @@ class DynamicExecutor:
             torch.addmm(b2, F.gelu(F.linear(h[a:z], w1, b1)), w2.t(), out=out[a:z])
         if mask is not None:
             out = out * _take(mask, order)
-        return g.with_x(g.x + out if order is None else g.x.index_add_(0, order, out))
+        return g.with_x(g.x + out if order is None else g.x.index_add(0, order, out))
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -651,19 +733,3 @@ def _masked_layer_norm(x: torch.Tensor, width: torch.Tensor, mask: torch.Tensor,
     centred = (x - mean) * mask
     var = (centred * centred).sum(-1, keepdim=True) / width
     return (centred * torch.rsqrt(var + eps) * weight + bias) * mask
-
-
-def _cls_importance(scale: float, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
-                    heads: torch.Tensor | None = None) -> torch.Tensor:
-    """Cls-row attention probabilities averaged over each image's active heads (the first ``heads``;
-    all of them for None). Only the one query row is computed; padded keys get probability 0
-    through the mask.
-    """
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        logits = logits + mask
-    probs = logits.softmax(-1)[:, :, 0, 1:]  # [G, H, n-1]
-    if heads is None or bool((heads == q.shape[1]).all()):
-        return probs.mean(1)
-    active = (torch.arange(q.shape[1]) < heads[:, None]).to(probs.dtype)[:, :, None]
-    return (probs * active).sum(1) / heads[:, None]
