@@ -315,6 +315,7 @@ def build_methods(
 
             ref = VisionTransformer(**timm_kwargs(cfg)).eval()
             ref.load_state_dict(to_timm_state_dict(model), strict=True)
+            ref = ref.to(model.head.weight.device, model.head.weight.dtype)
             static(name, ref, int(dense_macs[0]), dense_params, 1.0,
                    {"model": "timm.models.vision_transformer.VisionTransformer", "weights": "same as dense"})
         elif name == "dense":
@@ -409,6 +410,7 @@ def benchmark(
     command: str | None = None,
     log: Callable[[str], None] | None = None,
     profile_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Time every method at every batch size; returns ``{"meta": {...}, "rows": [...]}``.
 
@@ -427,7 +429,8 @@ def benchmark(
     _check_args(batch_sizes, methods, target_macs, runs, warmup, rounds)
     rounds = min(rounds, runs)
     log = log or (lambda s: None)
-    model = model.eval()
+    device = torch.device(device)
+    model = model.eval().to(device)
     cfg = model.config
     pool = max(64, *batch_sizes) if pool is None else pool
     if pool < max(batch_sizes):
@@ -453,7 +456,7 @@ def benchmark(
     for b in batch_sizes:
         n_batches = max(1, min(pool // b, warmup + runs + rounds))
         index = [torch.arange(j * b, (j + 1) * b) for j in range(n_batches)]
-        xs = [images[i].contiguous() for i in index]
+        xs = [images[i].to(device, model.head.weight.dtype).contiguous() for i in index]
         layout["plans"] = [pool_plans.select(i) for i in index] if pool_plans is not None else []
         log(f"batch {b}: {len(built)} methods x ({warmup} warm-up + {runs} timed runs in {rounds} rounds) "
             f"over {n_batches} distinct batch(es)")
@@ -477,6 +480,8 @@ def benchmark(
     meta = _meta(model, model_label, built, reference, batch_sizes, target_macs, runs, warmup, rounds, pool,
                  images_label, seed, command, load_before, time.perf_counter() - started)
     meta["allocator"] = allocator
+    meta["device"] = str(device)
+    meta["dtype"] = str(model.head.weight.dtype).removeprefix("torch.")
     return {"meta": meta, "rows": rows}
 
 
@@ -537,8 +542,10 @@ def _time_methods(methods: list[Method], xs: list[torch.Tensor], runs: int, warm
     def call(m: Method) -> tuple[int, float]:
         j = calls[m.name] % len(xs)
         calls[m.name] += 1
+        synchronize(xs[j].device)  # a GPU times only this call's kernels, all of them
         t0 = time.perf_counter()
         m.forward(xs[j], j)
+        synchronize(xs[j].device)
         return j, time.perf_counter() - t0
 
     with torch.inference_mode():
@@ -553,6 +560,12 @@ def _time_methods(methods: list[Method], xs: list[torch.Tensor], runs: int, warm
                     call(m)  # untimed: re-warm the caches the other methods used
                 timed[m.name].extend(call(m) for _ in range(share))
     return timed
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (a no-op on CPU, where calls return when done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _row(m: Method, batch: int, seconds: list[float], rows: torch.Tensor, dense_macs: float) -> dict[str, Any]:
@@ -662,7 +675,8 @@ def format_table(result: dict[str, Any]) -> str:
         last_batch = row[0]
     out.append("")
     out.append(f"model {meta['model']}; dense {dense:.4f} GMACs; target {meta['target_macs']:g} x dense MACs; "
-               f"{meta['threads']} thread(s); {meta['runs']} timed runs (+{meta['warmup']} warm-up, "
+               f"{meta.get('device', 'cpu')} {meta.get('dtype', 'float32')}, {meta['threads']} thread(s); "
+               f"{meta['runs']} timed runs (+{meta['warmup']} warm-up, "
                f"{meta['rounds']} rounds); speed-up = {meta['reference']} median / method median; "
                "ideal = dense MACs / method MACs; eff. = speed-up / ideal; tokens = fraction of patch tokens each "
                "stage ends with, mean over stages")
@@ -747,6 +761,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed runs are split into this many interleaved rounds (default 4; 1 = one method after "
                         "the other, like timm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; recorded)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; recorded, and synchronised "
+                   "around every timed call)")
     p.add_argument("--evit-keep", type=float, default=None, help="EViT keep rate (default: matched to the target)")
     p.add_argument("--tome-r", type=int, default=None, help="ToMe merges per block (default: matched to the target)")
     p.add_argument("--static-plan", default=None, metavar="YAML",
@@ -830,6 +846,9 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
         raise PranceError(f"--keep-grid must be in (0, 1], got {args.keep_grid}")
     if args.distinct_plans is not None and args.plans is not None:
         raise PranceError("--distinct-plans applies to random plans only; drop it or --plans")
+    from prance.devices import resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu"))
     out = check_writable_dir(args.out)
     model, label = load_model(args.checkpoint, args.timm, args.preset, num_heads=args.num_heads)
     pool = args.pool or max(64, *batch_sizes)
@@ -848,7 +867,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
                        options=MethodOptions(args.evit_keep, args.tome_r, static_plan, static_label, plans,
                                              plans_label, args.keep_grid, args.distinct_plans),
                        seed=args.seed, model_label=label, command=command, log=log,
-                       profile_dir=out if args.profile else None)
+                       profile_dir=out if args.profile else None, device=device)
     print(format_table(result))
     json_path, png_path = write_outputs(result, out)
     print(f"wrote {json_path} and {png_path}")

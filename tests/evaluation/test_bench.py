@@ -222,3 +222,15 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main(["bench", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("prance: error:")
+
+
+def test_bench_records_device_dtype_and_threads():
+    from prance.evaluation.bench import benchmark
+    from prance.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("fmnist-micro")
+    result = benchmark(model, batch_sizes=[2], methods=["dense", "prance"], runs=1, warmup=0, rounds=1,
+                       device="cpu")
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["threads"] == torch.get_num_threads()
