@@ -8,6 +8,7 @@ consume them, and :func:`prance.count_macs` prices them; validation against the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -115,7 +116,7 @@ class Plan:
                       else [keep, merge_keep]):
                 t[:, 1:] = lo + (hi - lo) * torch.rand(batch, s - 1, generator=generator, dtype=torch.float64)
                 if space.keep_grid > 0:
-                    t[:, 1:] = snap_keep(t[:, 1:], space.keep_grid)
+                    t[:, 1:] = snap_keep(t[:, 1:], space.keep_grid, space.min_keep)
         return cls(widths, ratios, heads, keep, merge_keep)
 
     @classmethod
@@ -237,6 +238,7 @@ class Plan:
                 raise PranceError(f"{name} ratios must be in (0, 1], got {[v for row in rows for v in row][:8]}")
             if any(row[0] != 1 for row in rows):
                 raise PranceError(f"stage 0 keeps every token: {name}[0] must be 1")
+            _check_keep_space(name, [v for row in rows for v in row[1:] if v != 1], space)
         if space.token_mode == "prune" and any(v != 1 for row in merge_keep for v in row):
             raise PranceError("token mode 'prune' takes no merge_keep ratios; use token_mode 'prune_merge'")
         if space.token_mode == "merge" and any(v != 1 for row in keep for v in row):
@@ -256,9 +258,29 @@ def kept_count(num_patches: torch.Tensor | int, ratio: torch.Tensor | float) -> 
     return torch.minimum(count.clamp_min(1), n).to(torch.int64)
 
 
-def snap_keep(ratio: torch.Tensor, grid: float) -> torch.Tensor:
-    """Snap keep ratios to multiples of ``grid`` (never below one grid step, never above 1)."""
-    return (torch.round(ratio / grid) * grid).clamp(grid, 1.0)
+def snap_keep(ratio: torch.Tensor, grid: float, min_keep: float = 0.0) -> torch.Tensor:
+    """Snap keep ratios to the nearest multiple of ``grid``, never below ``min_keep`` (then the
+    smallest multiple above it) or one grid step, never above 1."""
+    lowest = max(1, math.ceil(min_keep / grid - 1e-9)) * grid
+    return (torch.round(ratio / grid) * grid).clamp(min(lowest, 1.0), 1.0)
+
+
+def on_grid(value: float, grid: float) -> bool:
+    """Whether keep ratio ``value`` is a multiple of ``grid`` (within 1e-9) or exactly 1."""
+    return value == 1 or abs(value - round(value / grid) * grid) <= 1e-9
+
+
+def _check_keep_space(name: str, values: list[float], space: SearchSpace) -> None:
+    """Keep ratios below 1 obey the search space: at least ``min_keep``, on ``keep_grid`` if set."""
+    low = [v for v in values if v < space.min_keep]
+    if low:
+        raise PranceError(f"{name} ratio {low[0]:g} is below the search space's min_keep {space.min_keep:g}; "
+                          f"keep at least {space.min_keep:g} (or exactly 1)")
+    if space.keep_grid > 0:
+        off = [v for v in values if not on_grid(v, space.keep_grid)]
+        if off:
+            raise PranceError(f"{name} ratio {off[0]:g} is not a multiple of the search space's keep_grid "
+                              f"{space.keep_grid:g}; snap it with prance.plan.snap_keep")
 
 
 def _per(value: Any, n: int, what: str, unit: str, whole: bool = False) -> list:

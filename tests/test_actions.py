@@ -1,0 +1,101 @@
+"""Raw selector actions <-> plan entries: every decoded action is a valid plan, and round trips hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prance import Plan, PranceError
+from prance.actions import ActionSpace
+from tests.conftest import tiny_config, tiny_space
+
+MODES = ["prune", "merge", "prune_merge"]
+SPACES = [(mode, heads, grid, per_stage) for mode in MODES for heads in (False, True) for grid in (0.0, 0.05, 0.3)
+          for per_stage in (False, True)]
+CFG = tiny_config(depth=6, stage_depth=2)
+
+
+def _space(mode: str, heads: bool, grid: float):
+    return tiny_space(CFG, token_mode=mode, elastic_heads=heads, keep_grid=grid, min_keep=0.15)
+
+
+@pytest.mark.parametrize("mode, heads, grid, per_stage", SPACES)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_every_decoded_action_is_a_valid_plan_and_encodes_back(mode, heads, grid, per_stage, data):
+    space = _space(mode, heads, grid)
+    actions = ActionSpace(CFG, space, mlp_per_stage=per_stage)
+    b = data.draw(st.integers(1, 6))
+    raw = torch.tensor(data.draw(st.lists(st.lists(st.floats(0, 1), min_size=actions.size, max_size=actions.size),
+                                          min_size=b, max_size=b)), dtype=torch.float64)
+    stage = data.draw(st.integers(1, CFG.num_stages - 1))
+    plan = actions.decode(raw, stage).validate(CFG, space)
+    assert plan.batch_size == b
+    _assert_same(actions.decode(actions.encode(plan, stage), stage), plan)
+
+
+@pytest.mark.parametrize("mode, heads, grid, per_stage", SPACES)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_valid_plan_entries_round_trip(mode, heads, grid, per_stage, data):
+    """An entry drawn from the search space directly (not via decode) comes back from decode(encode(.))."""
+    space = _space(mode, heads, grid)
+    actions = ActionSpace(CFG, space, mlp_per_stage=per_stage)
+    k, stage = CFG.stage_depth, data.draw(st.integers(1, CFG.num_stages - 1))
+    if grid > 0:
+        keeps = [m * grid for m in range(1, int(1 / grid) + 1) if m * grid >= space.min_keep and m * grid <= 1] + [1.0]
+        keep = st.sampled_from(keeps)
+    else:
+        keep = st.one_of(st.floats(space.min_keep, 1.0), st.just(1.0))
+    ratio = data.draw(st.sampled_from(space.mlp_ratios))
+    ratios = [ratio] * k if per_stage else [data.draw(st.sampled_from(space.mlp_ratios)) for _ in range(k)]
+    head_list = [data.draw(st.sampled_from(space.heads)) if heads else CFG.num_heads for _ in range(k)]
+    entry = Plan.uniform(CFG, [CFG.embed_dim] * CFG.num_stages, CFG.mlp_ratio)
+    plan = entry.with_stage(CFG, stage, Plan.uniform(
+        CFG, [data.draw(st.sampled_from(space.widths))] * CFG.num_stages, ratios * CFG.num_stages,
+        heads=head_list * CFG.num_stages,
+        keep=data.draw(keep) if mode != "merge" else 1.0, merge_keep=data.draw(keep) if mode != "prune" else 1.0))
+    plan.validate(CFG, space)
+    _assert_same(actions.decode(actions.encode(plan, stage), stage), plan)
+
+
+def _assert_same(got: Plan, want: Plan) -> None:
+    """Discrete choices exactly, keep ratios to float rounding (exact on a grid)."""
+    for name in ("widths", "mlp_ratios", "heads"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("keep", "merge_keep"):
+        assert (getattr(got, name) - getattr(want, name)).abs().max() <= 1e-9, name
+
+
+def test_layout_sizes_and_bins():
+    space = _space("prune_merge", True, 0.0)
+    actions = ActionSpace(CFG, space)
+    assert [d.name for d in actions.dims] == ["width", "mlp_ratio[0]", "mlp_ratio[1]", "heads[0]", "heads[1]",
+                                              "prune_keep", "merge_keep"]
+    assert actions.categorical_sizes == [3, 3, 3, 3, 3] and actions.continuous == [False] * 5 + [True] * 2
+    assert [d.name for d in ActionSpace(CFG, _space("merge", False, 0.0), mlp_per_stage=True).dims] == [
+        "width", "mlp_ratio", "merge_keep"]
+    # equal-width bins, keep ratios linear onto [min_keep, 1]
+    plan = actions.decode(torch.tensor([[0.0, 0.34, 1.0, 0.5, 0.99, 0.0, 1.0]]), 1)
+    assert plan.widths[0, 1] == 16 and plan.mlp_ratios[0, 2:4].tolist() == [3.5, 4.0]
+    assert plan.heads[0, 2:4].tolist() == [3, 4]
+    assert plan.keep[0, 1].item() == pytest.approx(0.15) and plan.merge_keep[0, 1].item() == 1.0
+    with pytest.raises(PranceError, match="lie in"):
+        actions.decode(torch.full((1, actions.size), 1.5), 1)
+    with pytest.raises(PranceError, match="expected"):
+        actions.decode(torch.zeros(1, 3), 1)
+    with pytest.raises(PranceError, match="stages 1"):
+        actions.decode(torch.zeros(1, actions.size), 0)
+
+
+def test_plans_obey_min_keep_and_keep_grid():
+    space = _space("prune_merge", False, 0.1)
+    ok = Plan.uniform(CFG, [32] * 3, 4.0, keep=[0.2, 1.0], merge_keep=[0.5, 0.3])
+    ok.validate(CFG, space)
+    with pytest.raises(PranceError, match="below the search space's min_keep"):
+        Plan.uniform(CFG, [32] * 3, 4.0, keep=[0.1, 1.0]).validate(CFG, space)
+    with pytest.raises(PranceError, match="keep_grid"):
+        Plan.uniform(CFG, [32] * 3, 4.0, merge_keep=[0.25, 1.0]).validate(CFG, space)
+    Plan.uniform(CFG, [32] * 3, 4.0, keep=[0.25, 1.0]).validate(CFG, _space("prune", False, 0.0))
