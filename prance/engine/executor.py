@@ -231,6 +231,17 @@ def _token_counts(groups: list[_Group], b: int) -> torch.Tensor:
     return counts
 
 
+def _survivors(values: torch.Tensor, importance: torch.Tensor, counts: torch.Tensor, merge_k: torch.Tensor
+               ) -> torch.Tensor:
+    """``[B, n]`` per-token ``values`` (cls first) of the tokens a reduction to ``merge_k`` patch tokens
+    keeps, moved to the front in order. Prune-then-merge keeps the ``merge_k`` most important alive
+    patches (merging only folds the others into them), so the survivors follow from importance alone."""
+    n = importance.shape[1]
+    alive = torch.arange(n, device=counts.device) < (counts - 1)[:, None]
+    kept = token_ops.top_alive(importance, alive, merge_k)
+    return token_ops.compact(values, torch.cat([kept.new_ones(len(kept), 1), kept], 1))
+
+
 def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """Rows ``rows`` of ``t`` (all of it for None); index_select is the fast CPU gather."""
     return t if rows is None else t.index_select(0, rows)
@@ -323,6 +334,10 @@ class DynamicExecutor(StepwiseExecutor):
             groups, importance, key_means = self._attention(i, blk, groups, grid, block_heads, reduce is not None, keys)
             if reduce is not None:
                 prune_k, merge_k = reduce
+                if key_means is not None:  # the keys of the tokens that survive this block's reduction
+                    order = grid.slot.argsort()  # slot -> image
+                    key_means = _survivors(key_means[order], importance, _token_counts(groups, b)[order],
+                                           merge_k[order])[grid.slot]
                 if bool((merge_k == prune_k).all()):
                     groups = self._prune(groups, grid, importance, prune_k)
                 else:
@@ -428,8 +443,11 @@ class DynamicExecutor(StepwiseExecutor):
         x = x + F.linear(F.gelu(F.linear(self._norm(("norm2", i), blk.norm2, x), w1, b1)), w2, b2)
         key_means = None
         if want_keys:  # keys of this block, by batch image (the group may be a subset in any order)
-            key_means = k.new_empty(int(g.images.max()) + 1, k.shape[2])
-            key_means[g.images] = k.mean((1, 3))
+            means = k.mean((1, 3))
+            if reduce is not None:  # of the tokens that survived this block's reduction
+                means = _survivors(means, importance, g.counts, reduce[1][g.images])
+            key_means = k.new_empty(int(g.images.max()) + 1, means.shape[1])
+            key_means[g.images] = means
         out = _Group(g.images, torch.full_like(g.counts, n), x.reshape(n_img * n, w), size.reshape(-1))
         return [out], key_means
 

@@ -18,6 +18,7 @@ from prance.errors import PranceError
 from prance.model.metavit import MaskedState, MetaViT
 from prance.plan import Plan
 from prance.policy import StageState
+from prance.tokens import ops as token_ops
 from prance.tokens.state import TokenState
 
 
@@ -64,11 +65,8 @@ class MaskedExecutor(StepwiseExecutor):
             raise PranceError(f"no decision is taken before stage {inner.stage}; observe states before stages 1.."
                               f"{self.model.config.num_stages - 1}")
         alive = inner.tokens.alive
-        order = (~alive).to(torch.uint8).sort(dim=1, stable=True).indices  # survivors first, in order
         tokens = alive.sum(1)
-        n = alive.shape[1]
-        means = inner.key_means.detach().gather(1, order)
-        means = means.masked_fill(torch.arange(n, device=means.device) >= tokens[:, None], 0.0)
+        means = token_ops.compact(inner.key_means.detach(), alive)
         widths = inner.plan.widths[:, inner.stage - 1].to(alive.device)
         return StageState(inner.stage, inner.tokens.x[:, 0].detach().clone(), means, tokens, widths,
                           state.budget.clone())

@@ -90,6 +90,14 @@ def top_alive(importance: torch.Tensor, alive: torch.Tensor, k: torch.Tensor) ->
 
 
 # ----------------------------------------------------------------------------- helpers
+def compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` the entries of ``values`` where ``keep`` is True moved to the front of each row,
+    in order, zeros after them (per-token values of the surviving tokens, as a physical path lays them out)."""
+    order = (~keep).to(torch.uint8).sort(dim=1, stable=True).indices
+    out = values.gather(1, order)
+    return out.masked_fill(torch.arange(keep.shape[1], device=keep.device) >= keep.sum(1, keepdim=True), 0.0)
+
+
 def take_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Tokens ``index`` ``[B, M]`` of ``t`` ``[B, N]`` or ``[B, N, C]`` (per-sample gather along dim 1)."""
     if t.dim() == 2:
