@@ -1,0 +1,118 @@
+"""The selector: state features → actor–critic → raw action → plan entry (DESIGN.md §3).
+
+A :class:`Selector` is a :class:`~prance.policy.StagePolicy`: the execution engine calls it
+once per stage with every image's :class:`~prance.policy.StageState` and gets a plan whose
+stage entries are each image's own decisions. At inference it acts deterministically (each
+part's mode); during training :meth:`Selector.sample` draws actions and returns what PPO
+needs to remember.
+
+``knob`` is the deployed selector's one calibration setting: it shifts every raw action
+part (in ``[0, 1]``) by the same amount before decoding, so a larger knob never means less
+compute. Budget calibration on the holdout sets it (:func:`prance.selector.budget.calibrate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prance.actions import ActionSpace
+from prance.config import SearchSpace, ViTConfig
+from prance.errors import PranceError
+from prance.plan import Plan
+from prance.policy import StageState
+from prance.selector.agent import ActorCritic
+from prance.selector.features import FeatureNorm, check_encoder, num_features, raw_features
+
+
+@dataclass
+class SelectorConfig:
+    """Shape of a selector (plain values, stored with it)."""
+
+    encoder: str = "keys"  # "keys" (the paper's per-token key means) or "cls" (cls features)
+    hidden: int = 128  # width of the actor and critic MLPs
+    layers: int = 2  # hidden layers of each
+    mlp_per_stage: bool = False  # one MLP ratio per stage instead of one per block
+    budget: float = 0.5  # budget shown to the policy where an image's budget slot is empty
+
+    def __post_init__(self) -> None:
+        check_encoder(self.encoder)
+        if self.hidden < 1 or self.layers < 1:
+            raise PranceError(f"selector hidden={self.hidden} and layers={self.layers} must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One stage's sampled decisions and what PPO keeps of them (all ``[B, ...]``, detached)."""
+
+    plan: Plan
+    features: torch.Tensor
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    value: torch.Tensor
+
+
+class Selector(nn.Module):
+    """Per-image decisions for a meta-network of shape ``config`` and search space ``space``."""
+
+    def __init__(self, config: ViTConfig, space: SearchSpace, cfg: SelectorConfig | None = None) -> None:
+        super().__init__()
+        self.config, self.space = config, space
+        self.cfg = cfg or SelectorConfig()
+        self.actions = ActionSpace(config, space, self.cfg.mlp_per_stage)
+        size = num_features(self.cfg.encoder, config)
+        self.norm = FeatureNorm(size)
+        choices = [len(d.choices) if d.categorical else 0 for d in self.actions.dims]
+        self.agent = ActorCritic(size, choices, self.cfg.hidden, self.cfg.layers)
+        self.register_buffer("knob", torch.zeros((), dtype=torch.float64))
+
+    # ------------------------------------------------------------------ features
+    def features(self, state: StageState) -> torch.Tensor:
+        """``[B, F]`` standardised features on the selector's device."""
+        dev = self.knob.device
+        raw = raw_features(state, self.cfg.encoder, self.config, self.cfg.budget).to(dev)
+        return self.norm(raw)
+
+    def fit_features(self, states: list[StageState]) -> None:
+        """Fit the feature standardisation to some training states (once, before training)."""
+        dev = self.knob.device
+        self.norm.fit(torch.cat([raw_features(s, self.cfg.encoder, self.config, self.cfg.budget).to(dev)
+                                 for s in states]))
+
+    # ------------------------------------------------------------------ deciding
+    def decode(self, action: torch.Tensor, stage: int) -> Plan:
+        """The plan whose stage entries are the agent's ``action`` ``[B, A]``, shifted by the knob."""
+        unit = (self.agent.to_unit(action).double() + self.knob).clamp(0.0, 1.0)
+        return self.actions.decode(unit.cpu(), stage)
+
+    @torch.no_grad()
+    def forward(self, state: StageState) -> Plan:
+        """Deterministic decisions (each action part's mode): the selector at inference."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self.decode(self.agent.act_deterministic(self.features(state)), state.stage)
+
+    @torch.no_grad()
+    def sample(self, state: StageState, generator: torch.Generator | None = None) -> Sampled:
+        """Stochastic decisions for training, with their features, log-probabilities and values."""
+        with torch.inference_mode(False), torch.no_grad():
+            feats = self.features(state)
+            action, log_prob, _, value = self.agent.get_action_and_value(feats, generator=generator)
+            return Sampled(self.decode(action, state.stage), feats, action, log_prob, value)
+
+    # ------------------------------------------------------------------ cost
+    def macs_per_decision(self) -> int:
+        """MACs of one image's decision: the actor's matrix products (the critic only trains)."""
+        return sum(m.in_features * m.out_features for m in self.agent.actor if isinstance(m, nn.Linear))
+
+    def macs_per_image(self) -> int:
+        """MACs the selector adds to one image: one decision per stage after the first."""
+        return self.macs_per_decision() * (self.config.num_stages - 1)
+
+
+__all__ = ["Sampled", "Selector", "SelectorConfig"]

@@ -1,0 +1,70 @@
+"""The selector as the engine's policy: valid per-image decisions, batch independence, the knob, its cost."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from prance.accounting import macs_per_sample
+from prance.engine import DynamicExecutor
+from prance.selector.selector import Selector, SelectorConfig
+from tests.conftest import tiny_config, tiny_space
+
+
+def _setup(encoder: str = "keys", **space):
+    torch.manual_seed(0)
+    from prance.model import MetaViT
+
+    cfg = tiny_config()
+    model = MetaViT(cfg, tiny_space(cfg, **space)).eval()
+    selector = Selector(cfg, model.space, SelectorConfig(encoder=encoder, hidden=16)).eval()
+    return model, selector, torch.randn(12, cfg.in_chans, cfg.img_size, cfg.img_size)
+
+
+def test_selector_decides_every_stage_per_image_and_its_plans_validate():
+    for encoder in ("keys", "cls"):
+        model, selector, x = _setup(encoder)
+        engine = DynamicExecutor(model)
+        states = []
+        engine.run(x, policy=lambda s: (states.append(s), selector(s))[1])
+        selector.fit_features(states)  # standardise on these states, as training does once
+        gen = torch.Generator().manual_seed(0)
+        # Sampled decisions differ between images; every executed plan is valid.
+        sampled = []
+        logits, plan = engine.run(x, policy=lambda s: (sampled.append(selector.sample(s, gen)), sampled[-1].plan)[1])
+        plan.validate(model.config, model.space)
+        assert len(sampled) == model.config.num_stages - 1
+        assert len({plan.key(i) for i in range(len(x))}) > 1
+        assert sampled[0].features.shape == (len(x), selector.norm.mean.shape[0])
+        assert torch.isfinite(sampled[0].log_prob).all() and not sampled[0].log_prob.requires_grad
+
+
+def test_an_images_decisions_do_not_depend_on_its_batch():
+    model, selector, x = _setup()
+    engine = DynamicExecutor(model)
+    logits, plan = engine.run(x, policy=selector)
+    for i in (0, 5, 11):
+        alone_logits, alone = engine.run(x[i : i + 1], policy=selector)
+        assert alone.key(0) == plan.key(i)
+        assert torch.allclose(alone_logits[0], logits[i], atol=1e-5)
+
+
+def test_the_knob_never_buys_less_compute_when_raised():
+    model, selector, x = _setup()
+    engine = DynamicExecutor(model)
+    means = []
+    for knob in (-1.0, -0.3, 0.0, 0.3, 1.0):
+        selector.knob.fill_(knob)
+        _, plan = engine.run(x, policy=selector)
+        means.append(float(macs_per_sample(model.config, plan).double().mean()))
+    assert means == sorted(means) and means[0] < means[-1]
+    assert means[-1] == float(macs_per_sample(model.config, model.full_plan))  # +1 shifts every part to its top
+
+
+def test_selector_macs_match_the_flop_counter():
+    model, selector, _ = _setup()
+    feats = torch.randn(1, selector.norm.mean.shape[0])
+    with FlopCounterMode(display=False) as counter:
+        selector.agent.actor(feats)
+    assert counter.get_total_flops() == 2 * selector.macs_per_decision()
+    assert selector.macs_per_image() == selector.macs_per_decision() * (model.config.num_stages - 1)
