@@ -18,9 +18,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from prance.config import TOKEN_MODES
 from prance.errors import PranceError
 from prance.files import check_writable_dir
 
@@ -211,12 +213,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
     from prance.plan import Plan
     from prance.tokens.baselines import parse_reducer
+    from prance.training.subnets import require_trained_for
     from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt)
     cfg = model.config
-    plans = plans_from_spec(args.plan, cfg, model.space, seed=args.seed)
+    # Plans are read with every token mode allowed, so that a plan the checkpoint was not trained for is
+    # refused by require_trained_for, naming the checkpoint and the fix; a dense model runs any plan's slices.
+    any_tokens = replace(model.space, token_mode="prune_merge")
+    plans = plans_from_spec(args.plan, cfg, any_tokens, seed=args.seed)
+    require_trained_for(ckpt, args.checkpoint, plans=[plan for _, plan in plans])
+    if ckpt["kind"] == "dense":
+        model.space = any_tokens
     baselines = [parse_reducer(spec) for spec in args.baseline]
     dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
                             root=args.data_dir, limit=args.limit, seed=args.seed)
@@ -291,8 +300,17 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="soft targets of the smaller subnets: the largest subnet (in-place, default) or the teacher")
     m.add_argument("--num-random", type=int, default=2, help="random subnets per step besides largest and smallest "
                    "(default 2)")
-    m.add_argument("--token-keep", default=None, metavar="LO,HI",
-                   help="random subnets also draw per-image token keep ratios in [LO, HI] (masked mode)")
+    m.add_argument("--token-mode", choices=TOKEN_MODES, default=None,
+                   help="token reduction the meta-network is trained for (and the selector will use): prune, merge "
+                        "or prune_merge (default: the --init meta-network's; from a dense model: merge)")
+    m.add_argument("--min-keep", type=float, default=None,
+                   help="smallest keep ratio per stage, trained down to (default: the model's, 0.1; 1: no token "
+                        "reduction)")
+    m.add_argument("--keep-grid", type=float, default=None,
+                   help="keep ratios only on multiples of this step, e.g. 0.1 (default: the model's; 0: continuous)")
+    m.add_argument("--random-subnets", default="per-image", metavar="per-image|batch-shared",
+                   help="random subnets: a plan per image, masked (default: as the selector decides), or one plan "
+                        "per batch, physical (faster)")
     m.add_argument("--widths", default=None, help="search-space widths, e.g. 48,60,72,84,96 (default: the model's)")
     m.add_argument("--mlp-ratios", default=None, help="search-space MLP ratios, e.g. 2,3,4 (default: the model's)")
     m.add_argument("--elastic-heads", action="store_true", help="also sample the number of attention heads")
@@ -356,7 +374,7 @@ def _float_list(text: str | None, flag: str) -> list[float] | None:
 
 
 def _cmd_train_meta(args: argparse.Namespace) -> None:
-    from prance.training.meta import MetaRunConfig, MetaTrainConfig, parse_token_keep, run_train_meta
+    from prance.training.meta import MetaRunConfig, MetaTrainConfig, run_train_meta
 
     for flag in ("epochs", "batch_size", "lr", "limit", "val_limit", "max_steps", "log_every"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -372,6 +390,16 @@ def _cmd_train_meta(args: argparse.Namespace) -> None:
         space["mlp_ratios"] = _float_list(args.mlp_ratios, "--mlp-ratios")
     if args.elastic_heads:
         space["elastic_heads"] = True
+    if args.token_mode is not None:
+        space["token_mode"] = args.token_mode
+    if args.min_keep is not None:
+        if not 0 < args.min_keep <= 1:
+            raise PranceError(f"--min-keep {args.min_keep} must be in (0, 1], e.g. 0.25 (1: no token reduction)")
+        space["min_keep"] = args.min_keep
+    if args.keep_grid is not None:
+        if not 0 <= args.keep_grid <= 1:
+            raise PranceError(f"--keep-grid {args.keep_grid} must be in [0, 1], e.g. 0.1 (0: continuous)")
+        space["keep_grid"] = args.keep_grid
     _set_threads(args.threads)
     out = check_writable_dir(args.out)
     run = MetaRunConfig(init=args.init, preset=args.preset, teacher=args.teacher, space=space, data=args.data,
@@ -379,7 +407,7 @@ def _cmd_train_meta(args: argparse.Namespace) -> None:
     cfg = MetaTrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, num_random=args.num_random, temperature=args.temperature,
                           teacher_weight=args.teacher_weight, distill_from=args.distill_from,
-                          token_keep=parse_token_keep(args.token_keep), seed=args.seed, log_every=args.log_every,
+                          random_subnets=args.random_subnets, seed=args.seed, log_every=args.log_every,
                           checkpoint_every=args.checkpoint_every)
     summary = run_train_meta(run, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:

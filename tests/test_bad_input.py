@@ -365,14 +365,14 @@ def test_budget_above_the_dense_network(capsys, tmp_path: Path, tiny_checkpoint:
          ["unknown dataset 'cifar'", "fashion-mnist"]),
         (["evaluate", "--checkpoint", "{ckpt}", "--data", "imagenet"], ["unknown dataset 'imagenet'", "folder"]),
         (["evaluate", "--checkpoint", "{ckpt}", "--plan", "fastest"], ["fastest", "max, min, random:K"]),
-        (["train-meta", "--token-keep", "0,2", "--out", "{tmp}/m"], ["--token-keep", "0 < LO <= HI <= 1"]),
+        (["train-meta", "--min-keep", "0", "--out", "{tmp}/m"], ["--min-keep 0.0 must be in (0, 1]"]),
         (["train-meta", "--widths", "a,b", "--out", "{tmp}/m"], ["--widths 'a,b'", "comma-separated numbers"]),
         (["train-meta", "--holdout", "1", "--out", "{tmp}/m"], ["--holdout 1.0 must be in [0, 1)"]),
         (["train-dense", "--img-size", "30", "--out", "{tmp}/r"], ["img_size 30", "multiple of patch_size 4"]),
         (["train-dense", "--resume", "--out", "{tmp}/none"], ["nothing to resume", "drop --resume"]),
         (["evaluate", "--checkpoint", "{ckpt}", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
     ],
-    ids=["meta-preset", "distill-from", "meta-data", "eval-data", "plan-name", "token-keep", "widths", "holdout",
+    ids=["meta-preset", "distill-from", "meta-data", "eval-data", "plan-name", "min-keep", "widths", "holdout",
          "img-size", "resume-nothing", "unknown-flag"],
 )
 def test_unknown_names_and_contradictory_settings(capsys, tmp_path: Path, tiny_checkpoint: Path, argv, fragments):

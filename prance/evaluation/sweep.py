@@ -29,7 +29,15 @@ from prance.data import build_dataset, holdout_split
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate, write_json
 from prance.model.metavit import MetaViT
-from prance.plan import Plan
+from prance.plan import Plan, snap_keep
+from prance.training.subnets import (
+    largest_subnet,
+    min_keep_ratio,
+    plan_token_mode,
+    random_subnet,
+    smallest_subnet,
+    with_keep,
+)
 
 #: Seed of the holdout split of the training data, shared by ``prance train-meta`` and the sweep
 #: and fixed, so every stage of a pipeline holds out the same images whatever its own ``--seed``.
@@ -38,45 +46,76 @@ HOLDOUT_SEED = 0
 
 # ----------------------------------------------------------------------------- which subnets
 def candidate_subnets(config: ViTConfig, space: SearchSpace, num_random: int = 64, seed: int = 0) -> list[tuple[str, Plan]]:
-    """Named one-row plans: max, min, every uniform (width, MLP ratio) pair, and random ones.
+    """Named one-row plans: max, min (fewest tokens too), every uniform (width, MLP ratio) pair at
+    a few keep ratios of the space's token mode, and random ones drawn as meta-training draws them.
 
     "Uniform" subnets run stages 1.. at one width and blocks of stages 1.. at one MLP ratio
-    (heads at their smallest choice for the smallest width when heads are elastic).
+    (heads at their smallest choice for the smallest width when heads are elastic); ``-kK``
+    names the keep ratio of every stage ≥ 1 (each ratio of the token mode).
     """
     s, k = config.num_stages, config.stage_depth
-    plans: list[tuple[str, Plan]] = [("max", Plan.full(config)), ("min", Plan.smallest(config, space))]
+    plans: list[tuple[str, Plan]] = [("max", largest_subnet(config)), ("min", smallest_subnet(config, space))]
     for w in space.widths:
         for r in space.mlp_ratios:
             ratios = [config.mlp_ratio] * k + [r] * (config.depth - k)
-            plans.append((f"uniform-w{w}-r{r:g}", Plan.uniform(config, [config.embed_dim] + [w] * (s - 1), ratios)))
+            plan = Plan.uniform(config, [config.embed_dim] + [w] * (s - 1), ratios)
+            plans += [(f"uniform-w{w}-r{r:g}" + ("" if keep == 1 else f"-k{keep:g}"), with_keep(plan, space, keep))
+                      for keep in _keep_ladder(space)]
     generator = torch.Generator().manual_seed(seed)
     for i in range(num_random):
-        plans.append((f"random-{i}", Plan.random(config, space, 1, generator)))
+        plans.append((f"random-{i}", random_subnet(config, space, 1, generator)))
     unique: dict[tuple, tuple[str, Plan]] = {}
     for name, plan in plans:
         unique.setdefault(plan.key(0), (name, plan.validate(config, space)))
     return list(unique.values())
 
 
+def _keep_ladder(space: SearchSpace) -> list[float]:
+    """1, 3/4, 1/2 and the smallest keep ratio of the space (on its grid, if any)."""
+    lowest = min_keep_ratio(space)
+    levels = [1.0, 0.75, 0.5] if space.keep_grid <= 0 else [float(snap_keep(torch.tensor(v), space.keep_grid))
+                                                            for v in (1.0, 0.75, 0.5)]
+    return sorted({v for v in levels if v > lowest} | {lowest}, reverse=True)
+
+
 def spread_subnets(
     config: ViTConfig, space: SearchSpace, count: int = 12, seed: int = 0
 ) -> list[tuple[str, Plan]]:
-    """``count`` static subnets spread evenly over the MACs range (max and min always included), by MACs."""
+    """``count`` static subnets spread evenly over the MACs range (max and min always included), by MACs.
+
+    When the space reduces tokens, half of them (min among them) reduce tokens and the others
+    (max among them) do not, each half spread over its own MACs range, so that the table
+    compares channel-only and token-reducing subnets at similar MACs.
+    """
     if count < 2:
         raise PranceError(f"--count {count}: a sweep needs at least 2 subnets (max and min)")
     candidates = candidate_subnets(config, space, seed=seed)
     macs = {name: count_macs(config, plan) for name, plan in candidates}
     by_name = dict(candidates)
-    chosen = ["max", "min"] if macs["max"] != macs["min"] else ["max"]
-    lo, hi = macs["min"], macs["max"]
-    targets = [lo + (hi - lo) * (i + 1) / (count - 1) for i in range(count - 2)]
+    reducing = [n for n, plan in candidates if plan_token_mode(plan) is not None]
+    if reducing and count >= 4:
+        channels_only = [n for n in by_name if n not in reducing]
+        chosen = _spread(channels_only, macs, count - count // 2) + _spread(reducing, macs, count // 2)
+    else:
+        chosen = _spread(list(by_name), macs, count)
+    chosen.sort(key=lambda n: (macs[n], n))
+    return [(n, by_name[n]) for n in chosen]
+
+
+def _spread(names: Sequence[str], macs: dict[str, int], count: int) -> list[str]:
+    """Up to ``count`` of ``names``: the cheapest and dearest ("min" / "max" when present) and those
+    closest to evenly spaced MACs between them."""
+    ordered = sorted(names, key=lambda n: (macs[n], n))
+    lo = "min" if "min" in names else ordered[0]
+    hi = "max" if "max" in names else ordered[-1]
+    chosen = [hi, lo] if macs[hi] != macs[lo] else [hi]
+    targets = [macs[lo] + (macs[hi] - macs[lo]) * (i + 1) / (count - 1) for i in range(count - 2)]
     for target in targets:
-        free = [n for n in by_name if n not in chosen]
+        free = [n for n in ordered if n not in chosen]
         if not free:
             break
         chosen.append(min(free, key=lambda n: (abs(macs[n] - target), n)))
-    chosen.sort(key=lambda n: (macs[n], n))
-    return [(n, by_name[n]) for n in chosen]
+    return chosen
 
 
 # ----------------------------------------------------------------------------- evaluation and choice

@@ -4,15 +4,15 @@ Every step, on the same batch, the weight-sharing :class:`~prance.model.MetaViT`
 
 * the largest subnet (:meth:`Plan.full`) — learns from the labels (cross-entropy with label
   smoothing) and, when a dense teacher is given, from the teacher's soft predictions;
-* the smallest subnet (:meth:`Plan.smallest`) and ``num_random`` random subnets
-  (:meth:`Plan.random`, over the whole search space: per-stage widths, per-block MLP ratios,
-  heads when elastic) — learn from the largest subnet's detached soft predictions (in-place
-  distillation) or from the dense teacher.
+* the smallest subnet (smallest widths, MLP ratios and heads, and the fewest tokens the
+  search space allows) and ``num_random`` random subnets (by default one plan per image, keep
+  ratios of the space's token mode included, in masked mode) — learn from the largest
+  subnet's detached soft predictions (in-place distillation) or from the dense teacher.
 
-With ``token_keep=(lo, hi)`` each random subnet is drawn per image (one plan row per image,
-keep ratios uniform in ``[lo, hi]``) and runs in masked mode, so the network also learns to
-work with fewer tokens. All subnet losses are summed and back-propagated once, then one
-optimiser step is taken (DESIGN.md §1, "Training (weight sharing)").
+What is sampled is defined in :mod:`prance.training.subnets`, from the search space alone
+(its ``token_mode``, ``min_keep`` and ``keep_grid`` included), so the network is trained for
+exactly the choices the selector can make. All subnet losses are summed and back-propagated
+once, then one optimiser step is taken (DESIGN.md §1, "Training (weight sharing)").
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs with DistributedDataParallel
 (gloo on CPU, nccl on GPU) and a DistributedSampler. The random subnets of a step come from a
@@ -52,9 +52,16 @@ from prance.evaluation.sweep import HOLDOUT_SEED
 from prance.model.metavit import MetaViT
 from prance.model.presets import create_model
 from prance.model.timm_interop import from_timm
-from prance.plan import Plan
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from prance.training.dense import JsonLog, param_groups, cosine_lr
+from prance.training.subnets import (
+    DEFAULT_TOKEN_MODE,
+    RANDOM_SUBNETS,
+    Subnet,
+    largest_subnet,
+    sample_subnets,
+    smallest_subnet,
+)
 
 KIND = "meta"
 LAST, BEST, LOG = "last.pt", "best.pt", "log.jsonl"
@@ -97,8 +104,8 @@ class MetaTrainConfig:
     """With a dense teacher: the largest subnet's loss is (1-w)·CE + w·KD(teacher)."""
     distill_from: str = "largest"
     """Soft targets of the smaller subnets: "largest" (in-place, detached) or "teacher"."""
-    token_keep: tuple[float, float] | None = None
-    """If set, random subnets draw a per-image plan with keep ratios in [lo, hi] (masked mode)."""
+    random_subnets: str = "per-image"
+    """Random subnets: "per-image" (a plan per image, masked mode) or "batch-shared" (physical, faster)."""
     seed: int = 0
     """Seeds subnet sampling, data order, augmentation and (if no init weights) the model."""
     log_every: int = 20
@@ -121,70 +128,22 @@ class MetaTrainConfig:
             raise PranceError(f"temperature {self.temperature} must be positive")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise PranceError(f"teacher_weight {self.teacher_weight} must be in [0, 1]")
-        if self.token_keep is not None:
-            lo, hi = (float(v) for v in self.token_keep)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise PranceError(f"--token-keep {lo},{hi}: need 0 < LO <= HI <= 1, e.g. 0.5,1.0")
-            self.token_keep = (lo, hi)
+        if self.random_subnets not in RANDOM_SUBNETS:
+            raise PranceError(f"unknown random-subnet sampling {self.random_subnets!r}; use "
+                              f"{' or '.join(RANDOM_SUBNETS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["token_keep"] = None if self.token_keep is None else list(self.token_keep)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MetaTrainConfig":
-        d = dict(d)
-        if d.get("token_keep") is not None:
-            d["token_keep"] = tuple(d["token_keep"])
+        if "token_keep" in d:
+            raise PranceError("this run was written by an older prance (--token-keep, replaced by the search "
+                              "space's --token-mode and --min-keep); start a new run with another --out")
         return cls(**d)
 
 
-def parse_token_keep(text: str | None) -> tuple[float, float] | None:
-    """``"LO,HI"`` → ``(lo, hi)``; None stays None."""
-    if text is None:
-        return None
-    parts = text.split(",")
-    try:
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise PranceError(f"--token-keep {text!r}: give two numbers LO,HI, e.g. 0.5,1.0") from None
-    return lo, hi
-
-
 # ----------------------------------------------------------------------------- subnets
-@dataclass(frozen=True)
-class Subnet:
-    """One member of a sandwich: its role, its plan and the execution mode it runs in."""
-
-    role: str
-    """"largest", "smallest" or "random{i}"."""
-    plan: Plan
-    mode: str = "physical"
-
-
-def sample_subnets(
-    config: ViTConfig,
-    space: SearchSpace,
-    num_random: int,
-    generator: torch.Generator,
-    batch: int,
-    token_keep: tuple[float, float] | None = None,
-) -> list[Subnet]:
-    """The sandwich of one step: largest, smallest and ``num_random`` random subnets.
-
-    Without ``token_keep`` a random subnet is one plan shared by the batch (physical mode:
-    sliced weights, real savings). With it, every image gets its own plan row, keep ratios
-    included, and the subnet runs in masked mode.
-    """
-    subnets = [Subnet("largest", Plan.full(config)), Subnet("smallest", Plan.smallest(config, space))]
-    for i in range(num_random):
-        if token_keep is None:
-            subnets.append(Subnet(f"random{i}", Plan.random(config, space, 1, generator)))
-        else:
-            plan = Plan.random(config, space, batch, generator, keep_range=token_keep)
-            subnets.append(Subnet(f"random{i}", plan, "masked"))
-    return subnets
 
 
 class Sandwich(nn.Module):
@@ -299,17 +258,23 @@ def load_init_model(source: str, space: SearchSpace | None = None, stage_depth: 
 
     ``space`` replaces the checkpoint's search space (it must fit the model).
     """
+    return _load_init(source, space, stage_depth)[0]
+
+
+def _load_init(source: str, space: SearchSpace | None = None, stage_depth: int = 3) -> tuple[MetaViT, str]:
+    """:func:`load_init_model` and what the file held: "timm", or the prance checkpoint's kind."""
     path = source.removeprefix("timm:")
     if not Path(path).is_file():
         raise PranceError(f"{source}: file not found; give a prance checkpoint (e.g. RUN/best.pt) or a local "
                           "timm/DeiT .pth")
     if source.startswith("timm:") or not _is_prance_checkpoint(path):
-        return from_timm(path, space=space, stage_depth=stage_depth)
-    model = model_from_checkpoint(load_checkpoint(path))
+        return from_timm(path, space=space, stage_depth=stage_depth), "timm"
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
     if space is not None:
         space.check_fits(model.config)
         model.space = space
-    return model
+    return model, ckpt["kind"]
 
 
 def _is_prance_checkpoint(path: str) -> bool:
@@ -438,7 +403,7 @@ def train_meta(
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             generator = torch.Generator().manual_seed(_mix(cfg.seed, step, 0))
             subnets = sample_subnets(model.config, model.space, cfg.num_random, generator, images.shape[0],
-                                     cfg.token_keep)
+                                     cfg.random_subnets)
 
             # --- one sandwich: all subnets forward, summed loss, one backward, one optimiser step
             lr = lr_at(step, total_steps, cfg)
@@ -519,10 +484,11 @@ def _check_same_settings(cfg: MetaTrainConfig, saved: MetaTrainConfig, out: Path
 def validate_extremes(
     model: MetaViT, val_set: Dataset, batch_size: int, device: torch.device, progress: bool | None = None
 ) -> dict[str, float]:
-    """Top-1 and GMACs of the largest and the smallest subnet on ``val_set``."""
+    """Top-1 and GMACs of the largest and the smallest subnet (as trained: fewest tokens) on ``val_set``."""
     loader = DataLoader(val_set, batch_size=max(batch_size, 256), shuffle=False)
     out = {}
-    for name, plan in (("largest", Plan.full(model.config)), ("smallest", Plan.smallest(model.config, model.space))):
+    for name, plan in (("largest", largest_subnet(model.config)),
+                       ("smallest", smallest_subnet(model.config, model.space))):
         r = evaluate(model, _on_device(loader, device), plan, progress=progress, desc=f"validate {name}")
         out[f"val_top1_{name}"], out[f"val_gmacs_{name}"] = r["top1"], r["gmacs"]
     return out
@@ -547,7 +513,8 @@ class MetaRunConfig:
     teacher: str | None = None
     """Frozen dense teacher (prance checkpoint or timm .pth); "init" means the ``init`` weights."""
     space: dict[str, Any] = field(default_factory=dict)
-    """Search-space fields changed from the starting model's (widths, mlp_ratios, heads, elastic_heads, ...)."""
+    """Search-space fields changed from the starting model's (widths, mlp_ratios, elastic_heads, token_mode,
+    min_keep, keep_grid, ...); without token_mode a dense start trains for merge (see ``prance.training.subnets``)."""
     data: str = "fashion-mnist"
     data_dir: str | None = None
     limit: int | None = None
@@ -615,16 +582,19 @@ def run_train_meta(
 
 def build_meta_model(run: MetaRunConfig, seed: int) -> MetaViT:
     """The starting MetaViT of a run: dense weights from ``init`` (or a seeded random preset)."""
+    kind = "preset"
     if run.init is not None:
         if run.model_overrides:
             raise PranceError("model overrides cannot change the shape of an --init model; drop them")
-        model = load_init_model(run.init)
+        model, kind = _load_init(run.init)
     elif run.preset is not None:
         torch.manual_seed(seed)
         model = create_model(run.preset, **run.model_overrides)
     else:
         raise PranceError("give --init PATH (a dense checkpoint or timm .pth) or --preset NAME")
-    model.space = space_with(model.config, model.space, **run.space)
+    # A meta-network keeps the token mode it was trained for; a dense start has none of its own.
+    token_mode = model.space.token_mode if kind not in ("dense", "timm", "preset") else DEFAULT_TOKEN_MODE
+    model.space = space_with(model.config, model.space, **{"token_mode": token_mode, **run.space})
     return model
 
 
@@ -651,7 +621,6 @@ __all__ = [
     "init_distributed",
     "load_init_model",
     "lr_at",
-    "parse_token_keep",
     "run_train_meta",
     "sample_subnets",
     "sandwich_loss",

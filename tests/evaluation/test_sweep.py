@@ -113,7 +113,7 @@ def test_cli_pipeline_train_meta_then_sweep_then_evaluate_the_chosen_plan(
     common = ["--data-dir", fmnist_dir, "--threads", "1"]
     assert main(["train-meta", "--init", str(tmp_path / "dense.pt"), "--teacher", "init", "--limit", "300",
                  "--holdout", "0.2", "--val-limit", "32", "--batch-size", "60", "--epochs", "1", "--warmup-steps",
-                 "1", "--token-keep", "0.5,1", "--out", str(tmp_path / "meta"), *common]) == 0
+                 "1", "--out", str(tmp_path / "meta"), *common]) == 0
     assert "meta training in" in capsys.readouterr().out
     assert main(["sweep", "--checkpoint", str(tmp_path / "meta" / "last.pt"), "--budget-gmacs", "0.0025",
                  "--count", "10", "--holdout-limit", "30", "--test-limit", "30", "--compare",

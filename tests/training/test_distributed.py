@@ -28,7 +28,7 @@ def test_two_process_training_keeps_ranks_identical_and_learns(tmp_path: Path, f
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "prance", "train-meta", "--init", str(tmp_path / "dense.pt"), "--data-dir", fmnist_dir,
            "--limit", "800", "--holdout", "0.2", "--val-limit", "64", "--batch-size", "32", "--epochs", "3",
-           "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "2", "--num-random", "1", "--token-keep", "0.5,1.0",
+           "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "2", "--num-random", "1", "--min-keep", "0.5",
            "--elastic-heads", "--device", "cpu", "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

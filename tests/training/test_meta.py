@@ -74,7 +74,7 @@ def test_random_subnets_cover_the_search_space_and_are_a_function_of_the_seed():
     space = tiny_space(cfg)
 
     def draw(seed):
-        return sample_subnets(cfg, space, 40, torch.Generator().manual_seed(seed), 4)[2:]
+        return sample_subnets(cfg, space, 40, torch.Generator().manual_seed(seed), 4, "batch-shared")[2:]
 
     a, b = draw(1), draw(1)
     assert [s.plan.key(0) for s in a] == [s.plan.key(0) for s in b]
@@ -86,19 +86,19 @@ def test_random_subnets_cover_the_search_space_and_are_a_function_of_the_seed():
     assert all(s.mode == "physical" and s.plan.batch_size == 1 for s in a)
 
 
-def test_token_keep_draws_a_masked_per_image_plan_that_runs():
+def test_per_image_random_subnets_run_masked_and_train():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = MetaViT(cfg, tiny_space(cfg, token_mode="prune"))
-    subnets = sample_subnets(cfg, model.space, 2, torch.Generator().manual_seed(0), 6, token_keep=(0.3, 0.8))
+    model = MetaViT(cfg, tiny_space(cfg, token_mode="prune", min_keep=0.3))
+    subnets = sample_subnets(cfg, model.space, 2, torch.Generator().manual_seed(0), 6)
     for s in subnets[2:]:
         assert s.mode == "masked" and s.plan.batch_size == 6
         keep = s.plan.keep[:, 1:]
-        assert ((keep >= 0.3) & (keep <= 0.8)).all() and keep.unique().numel() > 1  # per image, per stage
+        assert ((keep >= 0.3) & (keep <= 1.0)).all() and keep.unique().numel() > 1  # per image, per stage
         assert len(s.plan.groups()) > 1  # images really get different plans
-    assert subnets[0].plan.keep.eq(1).all() and subnets[1].plan.keep.eq(1).all()
+    assert subnets[0].plan.keep.eq(1).all() and subnets[1].plan.keep[:, 1:].eq(0.3).all()
     logits = Sandwich(model)(torch.randn(6, 3, 16, 16), subnets)
-    loss, parts = sandwich_loss(logits, subnets, torch.randint(0, 7, (6,)), _cfg(token_keep=(0.3, 0.8)))
+    loss, parts = sandwich_loss(logits, subnets, torch.randint(0, 7, (6,)), _cfg())
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"largest", "smallest", "random0", "random1"}
 
@@ -121,7 +121,7 @@ def test_distillation_targets_follow_the_chosen_source():
 
 # ----------------------------------------------------------------------------- whole runs on real data
 def test_meta_training_lowers_the_loss_and_writes_meta_checkpoints(tmp_path: Path, fmnist_dir: str):
-    summary = run_train_meta(_run(fmnist_dir, limit=640), _cfg(epochs=3, token_keep=(0.5, 1.0)), tmp_path,
+    summary = run_train_meta(_run(fmnist_dir, limit=640), _cfg(epochs=3), tmp_path,
                              progress=False)
     steps = [r for r in _log(tmp_path) if r["event"] == "step"]
     assert summary["complete"] and steps[-1]["step"] == summary["total_steps"] == 24  # 512 train images / 64 × 3
@@ -138,14 +138,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fmni
     torch.manual_seed(3)
     save_checkpoint(dense, create_model("fmnist-micro", **MICRO), "dense")
     run = _run(fmnist_dir, preset=None, model_overrides={}, init=str(dense), teacher="init")
-    cfg = _cfg(checkpoint_every=3, token_keep=(0.4, 0.9), num_random=1)
+    cfg = _cfg(checkpoint_every=3, num_random=1)
     run_train_meta(run, cfg, tmp_path / "straight", progress=False)
     run_train_meta(run, cfg, tmp_path / "resumed", progress=False, stop_after=3)  # mid-epoch (4 steps/epoch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["step"] == 3
     with pytest.raises(PranceError, match="already holds a run"):
         run_train_meta(run, cfg, tmp_path / "resumed", progress=False)
     with pytest.raises(PranceError, match="lr"):
-        run_train_meta(run, _cfg(checkpoint_every=3, token_keep=(0.4, 0.9), num_random=1, lr=1.0),
+        run_train_meta(run, _cfg(checkpoint_every=3, num_random=1, lr=1.0),
                        tmp_path / "resumed", resume=True, progress=False)
     run_train_meta(run, cfg, tmp_path / "resumed", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
