@@ -18,13 +18,17 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prance.config import TOKEN_MODES
 from prance.errors import PranceError
-from prance.files import check_writable_dir
+from prance.files import check_writable_dir, removed_if_left_empty
+
+if TYPE_CHECKING:
+    import torch
+
+    from prance.model.metavit import MetaViT
 
 DATASETS = ("fashion-mnist", "folder")
 
@@ -37,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prance.data.provenance import EVALUATION_SPLITS
     from prance.model.presets import DEFAULT_PRESET
 
     debug = argparse.ArgumentParser(add_help=False)
@@ -72,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- evaluate
     e = sub.add_parser("evaluate", parents=[debug], help="evaluate a checkpoint under static plans",
-                       description="Top-1, GMACs, parameters and tokens of a checkpoint on the held-out split.")
+                       description="Top-1, GMACs, parameters and tokens of a checkpoint on the test split of the "
+                       "data it was trained on (or on its held-out training images, --split holdout).")
     e.add_argument("--checkpoint", required=True, help="a prance checkpoint (e.g. RUN/best.pt)")
-    e.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
-    e.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    _add_data_arguments(e)
+    e.add_argument("--split", choices=EVALUATION_SPLITS, default="test",
+                   help="test (final numbers, default) or holdout (the training images the run held out: for "
+                        "choices)")
     e.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many images")
     e.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     e.add_argument("--plan", default="max",
@@ -87,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the data subset and of random:K (default 0)")
     e.add_argument("--out", default=None, help="write the JSON result here")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    _add_device_argument(e)
     e.set_defaults(func=_cmd_evaluate)
     _add_meta_commands(sub, debug)
     _add_bench_command(sub, debug)
@@ -101,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--merge-keep", type=float, default=None,
                    help="instead of --plan: full widths, merge down to this keep ratio (after --keep if given)")
     v.add_argument("--num-images", type=int, default=8, help="images to draw (default 8)")
-    v.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
-    v.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
+    _add_data_arguments(v)
     v.add_argument("--seed", type=int, default=0, help="which test images (default 0)")
     v.add_argument("--out", default="tokens.png", help="PNG file to write (default tokens.png)")
+    _add_device_argument(v)
     v.set_defaults(func=_cmd_visualize)
     return parser
 
@@ -118,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, bench or visualize "
                               "(see `prance --help`)")
-        args.func(args)
+        with removed_if_left_empty(_output_folders(args)):
+            args.func(args)
         return 0
     except PranceError as e:
         if debug:
@@ -128,6 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return _fail("interrupted; continue a training run with --resume (finished epochs are kept)", 2)
+
+
+#: Commands whose --out names a file (its folder is what they create); the others' --out is a folder.
+_FILE_OUTPUTS = ("evaluate", "visualize")
+
+
+def _output_folders(args: argparse.Namespace) -> list[str]:
+    """The folders a command may create for --out: removed again if it fails and leaves them empty."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return []
+    return [os.path.dirname(out) or "."] if args.command in _FILE_OUTPUTS else [out]
 
 
 def _fail(message: str, code: int) -> int:
@@ -146,6 +168,27 @@ def _fail(message: str, code: int) -> int:
 def check_positive(value: float | None, flag: str) -> None:
     if value is not None and not value > 0:
         raise PranceError(f"{flag} must be positive, got {value}")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data / --data-dir of the commands that read a checkpoint: by default, the data it was trained on."""
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist or folder (default: the data set the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val} (default: the checkpoint's "
+                        "own, for its own data set)")
+
+
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+
+
+def _load_model(path: str, device: torch.device) -> tuple[dict[str, Any], MetaViT]:
+    """A checkpoint and its model (eval mode), on ``device``."""
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return ckpt, model_from_checkpoint(ckpt).to(device).eval()
 
 
 def _set_threads(threads: int | None) -> None:
@@ -195,11 +238,15 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluate
+def _check_data_flag(data: str | None) -> None:
+    if data is not None and data not in DATASETS:
+        raise PranceError(f"unknown dataset {data!r}; use one of {', '.join(DATASETS)}")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.limit, "--limit")
-    if args.data not in DATASETS:
-        raise PranceError(f"unknown dataset {args.data!r}; use one of {', '.join(DATASETS)}")
+    _check_data_flag(args.data)
     if args.out is not None:
         out = Path(args.out)
         if out.is_dir():
@@ -209,29 +256,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     from torch.utils.data import DataLoader
 
-    from prance.data import build_dataset
+    from prance.data.provenance import checkpoint_dataset
+    from prance.devices import resolve_device
     from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
     from prance.plan import Plan
     from prance.tokens.baselines import parse_reducer
-    from prance.training.subnets import require_trained_for
-    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt)
+    device = resolve_device(args.device)
+    ckpt, model = _load_model(args.checkpoint, device)
     cfg = model.config
-    # Plans are read with every token mode allowed, so that a plan the checkpoint was not trained for is
-    # refused by require_trained_for, naming the checkpoint and the fix; a dense model runs any plan's slices.
-    any_tokens = replace(model.space, token_mode="prune_merge")
-    plans = plans_from_spec(args.plan, cfg, any_tokens, seed=args.seed)
-    require_trained_for(ckpt, args.checkpoint, plans=[plan for _, plan in plans])
-    if ckpt["kind"] == "dense":
-        model.space = any_tokens
+    plans = plans_from_spec(args.plan, cfg, model.space, seed=args.seed)
     baselines = [parse_reducer(spec) for spec in args.baseline]
-    dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
-                            root=args.data_dir, limit=args.limit, seed=args.seed)
-    if dataset.info.num_classes != cfg.num_classes:
-        raise PranceError(f"the checkpoint has {cfg.num_classes} classes but {args.data} has "
-                          f"{dataset.info.num_classes}; evaluate on the data set it was trained on")
+    dataset = checkpoint_dataset(ckpt, args.checkpoint, split=args.split, data=args.data, data_dir=args.data_dir,
+                                 limit=args.limit, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
 
     rows: list[dict[str, Any]] = []
@@ -242,44 +279,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                **evaluate(model, loader, plan, reducer=reducer, progress=None)}
         rows.append(row)
         print(f"{name:>12}  top-1 {row['top1']:6.2f}%  {row['gmacs']:.4f} GMACs  {row['params_m']:.3f} M params  "
-              f"{row['tokens']:.1f} tokens  ({row['images']} images)")
-    result = {"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "data": args.data,
-              "split": dataset.info.split, "config": cfg.to_dict(), "rows": rows}
+              f"{row['tokens']:.1f} tokens  ({row['images']} {dataset.info.name} {args.split} images)")
+    result = {"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "data": dataset.info.name,
+              "split": args.split, "device": str(device), "config": cfg.to_dict(), "rows": rows}
     if args.out is not None:
         write_json(result, args.out)
         print(f"wrote {args.out}")
 
 
 # ----------------------------------------------------------------------------- visualize
+def _check_keep_flag(value: float | None, flag: str, min_keep: float) -> None:
+    """A keep ratio from the command line: in [min_keep, 1] (NaN and inf fail the comparison too)."""
+    if value is not None and not min_keep <= value <= 1:
+        raise PranceError(f"{flag} {value} must be in [{min_keep:g}, 1] (the search space's min_keep to all "
+                          f"tokens); e.g. {flag} 0.7")
+
+
 def _cmd_visualize(args: argparse.Namespace) -> None:
     check_positive(args.num_images, "--num-images")
+    _check_data_flag(args.data)
     out = Path(args.out)
     check_writable_dir(out.parent if str(out.parent) else ".", "--out folder")
     from dataclasses import replace
 
     import torch
 
-    from prance.data import build_dataset
+    from prance.data.provenance import checkpoint_dataset
+    from prance.devices import resolve_device
     from prance.evaluation.evaluate import plans_from_spec
     from prance.evaluation.visualize import visualize
     from prance.plan import Plan
-    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+    device = resolve_device(args.device)
+    ckpt, model = _load_model(args.checkpoint, device)
     cfg = model.config
     if args.keep is not None or args.merge_keep is not None:
-        keep, merge_keep = args.keep or 1.0, args.merge_keep or 1.0
+        _check_keep_flag(args.keep, "--keep", model.space.min_keep)
+        _check_keep_flag(args.merge_keep, "--merge-keep", model.space.min_keep)
+        keep = 1.0 if args.keep is None else args.keep
+        merge_keep = 1.0 if args.merge_keep is None else args.merge_keep
         mode = "prune_merge" if keep < 1 and merge_keep < 1 else "merge" if merge_keep < 1 else "prune"
         model.space = replace(model.space, token_mode=mode)
         plan = Plan.uniform(cfg, [cfg.embed_dim] * cfg.num_stages, cfg.mlp_ratio, keep=keep, merge_keep=merge_keep)
     else:
         plan = plans_from_spec(args.plan, cfg, model.space)[0][1]
-    dataset = build_dataset(args.data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
-                            root=args.data_dir, limit=args.num_images, seed=args.seed)
+    dataset = checkpoint_dataset(ckpt, args.checkpoint, data=args.data, data_dir=args.data_dir,
+                                 limit=args.num_images, seed=args.seed)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     names = dataset.info.class_names
     titles = [str(names[int(y)])[:14] for y in labels]
-    visualize(model, torch.stack(images), plan, out, dataset.info.mean, dataset.info.std, titles)
+    visualize(model, torch.stack(images).to(device), plan, out, dataset.info.mean, dataset.info.std, titles)
     print(f"wrote {out}")
 
 
@@ -349,8 +398,7 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
     s.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH",
                    help="also evaluate the same subnets with another checkpoint's weights on the test split "
                         "(e.g. dense=runs/dense/best.pt); repeatable")
-    s.add_argument("--data", default=None, help="default: the data the meta-network was trained on")
-    s.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root")
+    _add_data_arguments(s)
     s.add_argument("--holdout", type=float, default=None,
                    help="holdout fraction of the training data (default: the meta run's, else 0.1)")
     s.add_argument("--limit", type=int, default=None, help="training subset size (default: the meta run's)")
@@ -361,6 +409,7 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the random subnets (default 0)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    _add_device_argument(s)
     s.set_defaults(func=_cmd_sweep)
 
 
@@ -422,16 +471,17 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     check_positive(args.count, "--count")
     for flag in ("holdout_limit", "test_limit", "batch_size", "limit"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    _check_data_flag(args.data)
     _set_threads(args.threads)
     out = check_writable_dir(args.out)
 
-    from prance.evaluation.sweep import format_table, run_sweep, sweep_data
-    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
-
     from prance.accounting import count_macs
+    from prance.data.provenance import check_same_classes, data_source, trained_on
+    from prance.devices import resolve_device
+    from prance.evaluation.sweep import format_table, run_sweep, sweep_data
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt)
+    device = resolve_device(args.device)
+    ckpt, model = _load_model(args.checkpoint, device)
     dense_gmacs = count_macs(model) / 1e9
     if args.budget_gmacs is not None and args.budget_gmacs > dense_gmacs:
         raise PranceError(f"--budget-gmacs {args.budget_gmacs} is above the full network's {dense_gmacs:.4f} "
@@ -441,19 +491,24 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     if ckpt["kind"] == "meta" and trained.get("holdout", 0) == 0:
         print("warning: this meta-network was trained on all training images (--holdout 0); the subnet is chosen "
               "on images it has seen", file=sys.stderr)
-    compare = {}
+    compare: dict[str, tuple[str, dict[str, Any], MetaViT]] = {}
     for item in args.compare:
         label, sep, path = item.partition("=")
         if not sep or not label:
             raise PranceError(f"--compare {item!r}: use LABEL=PATH, e.g. dense=runs/dense/best.pt")
-        compare[label] = model_from_checkpoint(load_checkpoint(path))
-    data = sweep_data(model.config, data=args.data or trained.get("data") or "fashion-mnist",
-                      data_dir=args.data_dir or trained.get("data_dir"), holdout=holdout,
+        compare[label] = (path, *_load_model(path, device))
+    origin = trained_on(ckpt)
+    data, data_dir = data_source(origin, args.data, args.data_dir)
+    sets = sweep_data(model.config, data=data, data_dir=data_dir, holdout=holdout,
                       limit=args.limit if args.limit is not None else trained.get("limit"),
                       holdout_limit=args.holdout_limit, test_limit=args.test_limit, with_test=not args.no_test)
-    result = run_sweep(model, data, out, budget_gmacs=args.budget_gmacs, count=args.count, seed=args.seed,
-                       batch_size=args.batch_size, compare=compare, progress=None,
-                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout})
+    check_same_classes(origin, sets.holdout.info, args.checkpoint, data_dir)
+    for path, other_ckpt, _ in compare.values():
+        check_same_classes(trained_on(other_ckpt), sets.holdout.info, path, data_dir)
+    result = run_sweep(model, sets, out, budget_gmacs=args.budget_gmacs, count=args.count, seed=args.seed,
+                       batch_size=args.batch_size, compare={k: m for k, (_, _, m) in compare.items()}, progress=None,
+                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout,
+                             "data": data, "device": str(device)})
     print(format_table(result["rows"]))
     best = result["best"]
     if best is not None:
@@ -461,7 +516,6 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         print(f"best static subnet within {best['budget_gmacs']} GMACs: {best['name']} ({best['gmacs']:.4f} GMACs, "
               f"held-out top-1 {best['holdout_top1']:.2f}%{test}); plan {best['plan_file']}")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
-
 
 
 # ----------------------------------------------------------------------------- bench

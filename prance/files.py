@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -64,3 +66,28 @@ def check_writable_dir(directory: str | os.PathLike[str], flag: str = "--out") -
     except OSError as e:
         raise PranceError(f"cannot write to folder {path} ({e.strerror or e}); choose a writable {flag}") from None
     return path
+
+
+@contextmanager
+def removed_if_left_empty(folders: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
+    """On failure, remove those of ``folders`` (and their parents) that did not exist before and are still empty.
+
+    Commands create their output folder early, to prove it writable before any long work; a
+    command that then fails on its input must not leave that new, empty folder behind.
+    Folders that existed before, or that hold anything, are never touched.
+    """
+    new: set[Path] = set()
+    for folder in folders:
+        path = Path(os.path.abspath(folder))
+        while not path.exists() and path != path.parent:
+            new.add(path)
+            path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):  # children before parents
+            try:
+                path.rmdir()  # only succeeds on an empty folder
+            except OSError:
+                pass
+        raise

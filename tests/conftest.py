@@ -22,6 +22,18 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
+def cli_error(capsys: pytest.CaptureFixture[str], argv: list, *fragments: str) -> str:
+    """Run the CLI in-process; expect exit code 2 and exactly one ``prance: error:`` line naming each fragment."""
+    from prance.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prance: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
 def tiny_config(**overrides) -> ViTConfig:
     """4 stages of 1 block, 16 patches: every code path at toy cost."""
     base = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=4, num_heads=4,

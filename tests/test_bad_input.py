@@ -123,7 +123,8 @@ def test_folder_of_other_size_and_channels_is_resized_but_a_different_class_coun
     three = _image_folder(tmp_path / "three", 3)
     before = _snapshot(tmp_path)
     _error_line(capsys, ["evaluate", "--checkpoint", tiny_checkpoint, "--data", "folder", "--data-dir", three,
-                         "--out", out], "checkpoint has 10 classes", "has 3", "evaluate on the data set it was trained on")
+                         "--out", out], f"{tiny_checkpoint} was trained on", "(10 classes)", f"not folder {three} (3 classes)",
+                "use a data set of 10 classes")
     assert _snapshot(tmp_path) == before
 
 

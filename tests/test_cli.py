@@ -145,7 +145,7 @@ def test_train_dense_then_refuse_then_resume(fmnist_dir: str, tmp_path: Path, ca
     argv = ["train-dense", "--preset", "fmnist-micro", "--data-dir", fmnist_dir, "--epochs", "1", "--limit", "64",
             "--val-limit", "32", "--batch-size", "32", "--threads", "1", "--out", str(run)]
     assert main(argv) == 0
-    assert "best val top-1" in capsys.readouterr().out
+    assert "best holdout top-1" in capsys.readouterr().out
     ckpt = load_checkpoint(run / "best.pt", kind="dense")
     assert ckpt["args"]["preset"] == "fmnist-micro" and ckpt["train_state"]["epoch"] == 1
     before = (run / "last.pt").read_bytes()

@@ -91,7 +91,7 @@ class TrainingSplits:
     def record(self, data: str) -> dict[str, Any]:
         """What a checkpoint stores about the split it was trained and selected on."""
         return {"data": data, "holdout": self.holdout_spec.to_dict(), "train_images": len(self.train),
-                "holdout_images": len(self.holdout)}
+                "holdout_images": len(self.holdout), "classes": list(self.train.info.class_names)}
 
 
 def training_splits(

@@ -779,8 +779,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write profile-<method>-b<batch>.txt: the operators each method spends its time in")
     p.add_argument("--pool", type=int, default=None,
                    help="images (and per-image plans) cycled through (default: max(64, largest batch))")
-    p.add_argument("--data", default=None, help="time on real images: fashion-mnist or folder (default: random)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root")
+    p.add_argument("--data", default=None,
+                   help="time on test images of fashion-mnist or folder, or on random ones (random); default: a "
+                        "checkpoint's own data set when it records one, else random")
+    p.add_argument("--data-dir", default=None,
+                   help="Fashion-MNIST IDX folder, or an ImageNet-style root (default: the checkpoint's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random images and plans (default 0)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png (default bench-results)")
 
@@ -815,13 +818,30 @@ def load_model(checkpoint: str | None = None, timm_path: str | None = None, pres
     return create_model(name).eval(), f"{name} (random weights)"
 
 
-def load_images(model: MetaViT, data: str, data_dir: str | None, n: int, seed: int) -> tuple[torch.Tensor, str]:
-    """``n`` held-out images of ``data`` as one tensor (loaded before any timing)."""
-    from prance.data import build_dataset
+def load_images(model: MetaViT, data: str | None, data_dir: str | None, n: int, seed: int,
+                checkpoint: str | None = None) -> tuple[torch.Tensor | None, str | None]:
+    """``n`` test images as one tensor (loaded before any timing), or ``(None, None)`` for random inputs.
 
-    cfg = model.config
-    ds = build_dataset(data, "val", img_size=cfg.img_size, in_chans=cfg.in_chans, train_augment=False,
-                       root=data_dir, limit=n, seed=seed)
+    A checkpoint's images are those of the data set it was trained on (``data`` overrides it,
+    with the same classes); ``data`` "random", or None without a recorded data set, means random.
+    """
+    from prance.data.provenance import checkpoint_dataset, trained_on
+    from prance.data.splits import final_test_set
+
+    if data == "random":
+        return None, None
+    if checkpoint is not None:
+        from prance.training.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+        if data is None and trained_on(ckpt).data is None:
+            return None, None
+        ds = checkpoint_dataset(ckpt, checkpoint, data=data, data_dir=data_dir, limit=n, seed=seed)
+    elif data is None:
+        return None, None
+    else:
+        cfg = model.config
+        ds = final_test_set(data, img_size=cfg.img_size, in_chans=cfg.in_chans, root=data_dir, limit=n, seed=seed)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return images, f"{len(ds)} {ds.info.name} {ds.info.split} images (pre-loaded)"
 
@@ -852,9 +872,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> dict[str, Any]:
     out = check_writable_dir(args.out)
     model, label = load_model(args.checkpoint, args.timm, args.preset, num_heads=args.num_heads)
     pool = args.pool or max(64, *batch_sizes)
-    images, images_label = (None, None)
-    if args.data is not None:
-        images, images_label = load_images(model, args.data, args.data_dir, pool, args.seed)
+    images, images_label = load_images(model, args.data, args.data_dir, pool, args.seed, args.checkpoint)
     static_plan = static_label = plans = plans_label = None
     if args.static_plan is not None:
         static_plan, static_label = load_static_plan(args.static_plan, model, args.target_macs)

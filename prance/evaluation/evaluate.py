@@ -53,9 +53,11 @@ def evaluate(
 
     ``reducer`` adds a static token-reduction baseline (EViT / ToMe) on top of the plan.
 
-    The model is put in eval mode and restored to its previous mode afterwards.
+    Batches are moved to the model's device. The model is put in eval mode and restored to
+    its previous mode afterwards.
     """
     cfg = model.config
+    device = model.cls_token.device
     was_training = model.training
     model.eval()
     n = correct = 0
@@ -65,6 +67,7 @@ def evaluate(
     try:
         with torch.inference_mode():
             for images, labels in tqdm(loader, desc=desc, disable=_tqdm_disable(progress), leave=False):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 b = images.shape[0]
                 batch_plan = plan(images) if callable(plan) else (Plan.full(cfg) if plan is None else plan)
                 logits = model(images, batch_plan, mode=mode, reducer=reducer)
