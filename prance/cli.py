@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -261,11 +262,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
     from prance.plan import Plan
     from prance.tokens.baselines import parse_reducer
+    from prance.training.subnets import require_trained_for
 
     device = resolve_device(args.device)
     ckpt, model = _load_model(args.checkpoint, device)
     cfg = model.config
-    plans = plans_from_spec(args.plan, cfg, model.space, seed=args.seed)
+    # Plans are read with every token mode allowed, so that a plan the checkpoint was not trained for is
+    # refused by require_trained_for, naming the checkpoint and the fix; a dense model runs any plan's slices.
+    any_tokens = replace(model.space, token_mode="prune_merge")
+    plans = plans_from_spec(args.plan, cfg, any_tokens, seed=args.seed)
+    require_trained_for(ckpt, args.checkpoint, plans=[plan for _, plan in plans])
+    if ckpt["kind"] == "dense":
+        model.space = any_tokens
     baselines = [parse_reducer(spec) for spec in args.baseline]
     dataset = checkpoint_dataset(ckpt, args.checkpoint, split=args.split, data=args.data, data_dir=args.data_dir,
                                  limit=args.limit, seed=args.seed)
