@@ -171,6 +171,11 @@ def check_positive(value: float | None, flag: str) -> None:
         raise PranceError(f"{flag} must be positive, got {value}")
 
 
+def _check_data_flag(data: str | None) -> None:
+    if data is not None and data not in DATASETS:
+        raise PranceError(f"unknown dataset {data!r}; use one of {', '.join(DATASETS)}")
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     """--data / --data-dir of the commands that read a checkpoint: by default, the data it was trained on."""
     p.add_argument("--data", default=None,
@@ -222,8 +227,7 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
         raise PranceError(f"--workers must be >= 0, got {given['num_workers']}")
     if "preset" in given and given["preset"] not in PRESETS:
         raise PranceError(f"unknown preset {given['preset']!r}; choose one of {', '.join(PRESETS)}")
-    if "data" in given and given["data"] not in DATASETS:
-        raise PranceError(f"unknown dataset {given['data']!r}; use one of {', '.join(DATASETS)}")
+    _check_data_flag(given.get("data"))
     if "init" in given and not Path(given["init"].removeprefix("timm:")).is_file():
         raise PranceError(f"--init {given['init']}: file not found; give a local timm/DeiT .pth")
     if "init" in given and "preset" in given:
@@ -239,11 +243,6 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _check_data_flag(data: str | None) -> None:
-    if data is not None and data not in DATASETS:
-        raise PranceError(f"unknown dataset {data!r}; use one of {', '.join(DATASETS)}")
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.limit, "--limit")
