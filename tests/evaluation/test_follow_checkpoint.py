@@ -108,6 +108,8 @@ def test_evaluate_on_the_holdout_reads_the_images_training_held_out(folder_run, 
     result = json.loads(out.read_text())
     assert result["split"] == "holdout"
     assert result["rows"][0]["images"] == round(0.1 * len(CLASSES) * TRAIN_PER_CLASS)  # the default 10 %
+    # The same images training chose its best epoch on: the same accuracy as recorded then.
+    assert result["rows"][0]["top1"] == pytest.approx(load_checkpoint(best)["metrics"]["holdout_top1"])
 
 
 def test_evaluate_on_fashion_mnist_names_both_data_sets(folder_run, capsys, tmp_path):
