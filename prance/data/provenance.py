@@ -6,10 +6,10 @@ folder against Fashion-MNIST's 10 labels reports a number that means nothing. So
 build the transform for the model's own image size and channels, and refuse, naming both, a
 data set whose classes differ.
 
-Where a checkpoint says it: the ``split`` record (dense runs from the honest-splits commit on,
-meta runs later; with ``classes`` from this commit on), else its settings (``args`` of a dense
-run, ``args["run"]`` of a meta run). A checkpoint written without either (a bare
-``save_checkpoint``) states only its class count.
+Where a checkpoint says it: the ``split`` record (every run that trains on a holdout split;
+newer ones also list the ``classes``), else its settings (``args`` of a dense run,
+``args["run"]`` of a meta run). A checkpoint written without either (a bare ``save_checkpoint``)
+states only its class count; without class names, only class counts can be compared.
 """
 
 from __future__ import annotations
