@@ -42,7 +42,7 @@ from prance.model.metavit import MetaViT
 
 FORMAT = "prance-checkpoint"
 FORMAT_VERSION = 1
-KINDS = ("dense", "meta", "selector", "joint")
+KINDS = ("dense", "meta", "selector", "joint", "adaptive")
 
 _REQUIRED = ("format_version", "kind", "config", "space", "model")
 

@@ -1,0 +1,132 @@
+"""``AdaptiveViT``: the meta-network, its selector and the execution engine as one module.
+
+``AdaptiveViT(images)`` returns logits; every image got its own widths, MLP widths and token
+counts from the selector, executed physically by the engine (DESIGN.md §5). After each call
+:attr:`AdaptiveViT.last` holds what each image cost and chose. An image's decisions and
+logits never depend on the other images of its batch: the selector sees only that image's
+state, and the engine runs every image exactly as it would run alone.
+
+It is saved and loaded as one versioned checkpoint file (kind ``"adaptive"``) holding the
+meta-network, the selector with its calibration, the budget and the data split it was
+calibrated on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from prance.accounting import macs_per_sample, params_per_sample, token_fractions
+from prance.engine import DynamicExecutor
+from prance.errors import PranceError
+from prance.model.metavit import MetaViT
+from prance.plan import Plan
+from prance.selector.selector import Selector, SelectorConfig
+from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+
+KIND = "adaptive"
+#: Checkpoint kinds that carry a selector (a selector run's checkpoints and the final file).
+SELECTOR_KINDS = ("selector", "joint", KIND)
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What each image of the last batch chose and cost (all ``[B, ...]``, on the CPU)."""
+
+    plan: Plan  # the executed per-image plan
+    macs: torch.Tensor  # [B] MACs, selector included
+    dense_macs: int  # MACs of the full-size network (no selector)
+    params: torch.Tensor  # [B] parameters activated
+    tokens: torch.Tensor  # [B, S] fraction of the patch tokens alive at the end of each stage
+
+    @property
+    def macs_ratio(self) -> torch.Tensor:
+        return self.macs.double() / self.dense_macs
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per image (for JSON / CSV)."""
+        out = []
+        for i in range(len(self.macs)):
+            out.append({"macs": int(self.macs[i]), "macs_ratio": float(self.macs_ratio[i]),
+                        "params": int(self.params[i]), "tokens": [round(float(t), 4) for t in self.tokens[i]],
+                        **self.plan.to_dict(i)})
+        return out
+
+
+class AdaptiveViT(nn.Module):
+    """Meta-network + selector + engine (see the module docstring)."""
+
+    def __init__(self, model: MetaViT, selector: Selector, budget: float | None = None,
+                 calibration: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if selector.config != model.config or selector.space != model.space:
+            raise PranceError("the selector was built for another model shape or search space; train a selector "
+                              "for this meta-network")
+        self.model, self.selector = model.eval(), selector.eval()
+        self.budget = budget
+        self.calibration = dict(calibration or {})
+        self.split = dict(split or {})
+        self.engine = DynamicExecutor(model)
+        self.last: ImageStats | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, classes]``; per-image decisions and costs go to :attr:`last`."""
+        logits, plan = self.engine.run(images, policy=self.selector, budget=self.budget)
+        cfg = self.model.config
+        self.last = ImageStats(plan=plan, macs=macs_per_sample(cfg, plan) + self.selector.macs_per_image(),
+                               dense_macs=int(macs_per_sample(cfg, self.model.full_plan)[0]),
+                               params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan))
+        return logits
+
+    # ------------------------------------------------------------------ files
+    def checkpoint(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The versioned checkpoint dict of this adaptive model."""
+        ckpt = make_checkpoint(self.model, KIND, metrics=metrics, split=self.split or None)
+        ckpt["selector"] = selector_record(self.selector)
+        ckpt["budget"] = self.budget
+        ckpt["calibration"] = dict(self.calibration)
+        return ckpt
+
+    def save(self, path: str | os.PathLike[str], metrics: Mapping[str, Any] | None = None) -> Path:
+        """Write the model to ``path`` atomically."""
+        return atomic_save(self.checkpoint(metrics), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "AdaptiveViT":
+        """An adaptive model from a file written by :meth:`save` (or a selector run's checkpoint)."""
+        ckpt = load_checkpoint(path, kind=SELECTOR_KINDS)
+        return cls.from_checkpoint(ckpt, path).to(device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], path: str | os.PathLike[str] = "checkpoint"
+                        ) -> "AdaptiveViT":
+        model = model_from_checkpoint(ckpt)
+        selector = selector_from_record(ckpt.get("selector"), model, path)
+        return cls(model, selector, ckpt.get("budget"), ckpt.get("calibration"), ckpt.get("split"))
+
+
+def selector_record(selector: Selector) -> dict[str, Any]:
+    """What a checkpoint stores of a selector: its settings and weights (plain values and tensors)."""
+    return {"config": selector.cfg.to_dict(),
+            "state": {k: v.detach().cpu().clone() for k, v in selector.state_dict().items()}}
+
+
+def selector_from_record(record: Any, model: MetaViT, path: str | os.PathLike[str]) -> Selector:
+    """The selector a checkpoint's ``selector`` record describes, for ``model``."""
+    if not isinstance(record, Mapping) or "config" not in record or "state" not in record:
+        raise PranceError(f"{path} holds no selector; give a checkpoint written by `prance train-selector`")
+    try:
+        selector = Selector(model.config, model.space, SelectorConfig(**dict(record["config"])))
+        selector.load_state_dict(dict(record["state"]))
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise PranceError(f"{path}: its selector does not fit its meta-network ({str(e).splitlines()[0][:120]}); "
+                          "the file is corrupt or from another version") from None
+    return selector.eval()
+
+
+__all__ = ["AdaptiveViT", "ImageStats", "KIND", "SELECTOR_KINDS", "selector_from_record", "selector_record"]
