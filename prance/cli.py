@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 1)")
     t.add_argument("--limit", type=int, default=None, help="train on a random subset of this many images")
-    t.add_argument("--val-limit", type=int, default=None, help="validate on a random subset of this many images")
+    t.add_argument("--val-limit", type=int, default=None, help="validate on a random subset of this many held-out "
+                   "images")
+    t.add_argument("--holdout", type=float, default=None,
+                   help="fraction of the training split held out for every choice, never trained on (default 0.1)")
+    t.add_argument("--holdout-seed", type=int, default=None, help="which images are held out (default 0)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--out", required=True, help="run folder (created if missing)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int, default=None, help="override the preset's image size")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     t.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default 0)")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="also save last.pt every N steps (default: at epoch ends)")
+    t.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (under torchrun: each rank's GPU)")
     t.set_defaults(func=_cmd_train_dense)
 
     # --- evaluate
@@ -197,6 +204,12 @@ def _load_model(path: str, device: torch.device) -> tuple[dict[str, Any], MetaVi
     return ckpt, model_from_checkpoint(ckpt).to(device).eval()
 
 
+def _check_holdout(fraction: float | None) -> None:
+    if fraction is not None and not 0 < fraction < 1:
+        raise PranceError(f"--holdout {fraction} must be in (0, 1), e.g. 0.1: training commands always hold out "
+                          "images for their choices")
+
+
 def _set_threads(threads: int | None) -> None:
     check_positive(threads, "--threads")
     if threads is not None:
@@ -209,7 +222,8 @@ def _set_threads(threads: int | None) -> None:
 _TRAIN_FLAGS = {  # argparse dest -> DenseTrainConfig field
     "preset": "preset", "data": "data", "data_dir": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
     "lr": "lr", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit", "seed": "seed",
-    "init": "init", "img_size": "img_size", "workers": "num_workers",
+    "init": "init", "img_size": "img_size", "workers": "num_workers", "holdout": "holdout",
+    "holdout_seed": "holdout_seed", "checkpoint_every": "checkpoint_every",
 }
 
 
@@ -225,6 +239,9 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
         raise PranceError(f"--warmup-epochs must be >= 0, got {given['warmup_epochs']}")
     if given.get("num_workers", 0) < 0:
         raise PranceError(f"--workers must be >= 0, got {given['num_workers']}")
+    if given.get("checkpoint_every", 0) < 0:
+        raise PranceError(f"--checkpoint-every must be >= 0, got {given['checkpoint_every']}")
+    _check_holdout(given.get("holdout"))
     if "preset" in given and given["preset"] not in PRESETS:
         raise PranceError(f"unknown preset {given['preset']!r}; choose one of {', '.join(PRESETS)}")
     _check_data_flag(given.get("data"))
@@ -236,7 +253,9 @@ def _cmd_train_dense(args: argparse.Namespace) -> None:
     # A resumed run's settings come from its last.pt; flags given now must agree with them.
     cfg = resume_config(args.out, **given) if args.resume else DenseTrainConfig(**given)
     out = check_writable_dir(args.out)
-    summary = train_dense(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    summary = train_dense(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     print(f"dense training in {summary['out']}: {summary['epochs']} epochs, best holdout top-1 "
           f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}); checkpoints {summary['best']}, "
           f"{summary['last']}")
@@ -381,9 +400,11 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
     m.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or folder")
     m.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
     m.add_argument("--limit", type=int, default=None, help="use a random subset of this many training images")
-    m.add_argument("--holdout", type=float, default=0.1,
-                   help="fraction of the training images kept out of training, for validation and `sweep` (default "
-                        "0.1; 0: none)")
+    m.add_argument("--holdout", type=float, default=None,
+                   help="fraction of the training split held out for every choice (default: the one --init was "
+                        "trained with, else 0.1)")
+    m.add_argument("--holdout-seed", type=int, default=None,
+                   help="which images are held out (default: the --init checkpoint's, else 0)")
     m.add_argument("--val-limit", type=int, default=None, help="validate on at most this many held-out images")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--out", required=True, help="run folder (created if missing)")
@@ -391,7 +412,7 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
     m.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
     m.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps (default: epochs)")
     m.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
-    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    m.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (under torchrun: each rank's GPU)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     m.set_defaults(func=_cmd_train_meta)
 
@@ -407,8 +428,8 @@ def _add_meta_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
                         "(e.g. dense=runs/dense/best.pt); repeatable")
     _add_data_arguments(s)
     s.add_argument("--holdout", type=float, default=None,
-                   help="holdout fraction of the training data (default: the meta run's, else 0.1)")
-    s.add_argument("--limit", type=int, default=None, help="training subset size (default: the meta run's)")
+                   help="holdout fraction of the training data (default: the one the checkpoint was trained with, "
+                        "else 0.1; another one is an error)")
     s.add_argument("--holdout-limit", type=int, default=None, help="use at most this many held-out images")
     s.add_argument("--test-limit", type=int, default=None, help="test on a random subset of this many images")
     s.add_argument("--no-test", action="store_true", help="skip the test split (choice only)")
@@ -434,8 +455,7 @@ def _cmd_train_meta(args: argparse.Namespace) -> None:
 
     for flag in ("epochs", "batch_size", "lr", "limit", "val_limit", "max_steps", "log_every"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    if not 0 <= args.holdout < 1:
-        raise PranceError(f"--holdout {args.holdout} must be in [0, 1), e.g. 0.1")
+    _check_holdout(args.holdout)
     if args.init is not None and not Path(args.init.removeprefix("timm:")).is_file():
         raise PranceError(f"--init {args.init}: file not found; give a dense checkpoint or a local timm/DeiT .pth")
     space: dict[str, Any] = {}
@@ -459,7 +479,8 @@ def _cmd_train_meta(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     out = check_writable_dir(args.out)
     run = MetaRunConfig(init=args.init, preset=args.preset, teacher=args.teacher, space=space, data=args.data,
-                        data_dir=args.data_dir, limit=args.limit, holdout=args.holdout, val_limit=args.val_limit)
+                        data_dir=args.data_dir, limit=args.limit, holdout=args.holdout,
+                        holdout_seed=args.holdout_seed, val_limit=args.val_limit)
     cfg = MetaTrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, num_random=args.num_random, temperature=args.temperature,
                           teacher_weight=args.teacher_weight, distill_from=args.distill_from,
@@ -476,7 +497,7 @@ def _cmd_train_meta(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     check_positive(args.budget_gmacs, "--budget-gmacs")
     check_positive(args.count, "--count")
-    for flag in ("holdout_limit", "test_limit", "batch_size", "limit"):
+    for flag in ("holdout_limit", "test_limit", "batch_size"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _check_data_flag(args.data)
     _set_threads(args.threads)
@@ -486,6 +507,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from prance.data.provenance import check_same_classes, data_source, trained_on
     from prance.devices import resolve_device
     from prance.evaluation.sweep import format_table, run_sweep, sweep_data
+    from prance.training.run import pipeline_holdout
 
     device = resolve_device(args.device)
     ckpt, model = _load_model(args.checkpoint, device)
@@ -493,11 +515,6 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     if args.budget_gmacs is not None and args.budget_gmacs > dense_gmacs:
         raise PranceError(f"--budget-gmacs {args.budget_gmacs} is above the full network's {dense_gmacs:.4f} "
                           "GMACs; give a budget in GMACs (1e9 MACs) at most that large")
-    trained = dict(ckpt["args"].get("run", {})) if ckpt["kind"] == "meta" else {}
-    holdout = args.holdout if args.holdout is not None else trained.get("holdout") or 0.1
-    if ckpt["kind"] == "meta" and trained.get("holdout", 0) == 0:
-        print("warning: this meta-network was trained on all training images (--holdout 0); the subnet is chosen "
-              "on images it has seen", file=sys.stderr)
     compare: dict[str, tuple[str, dict[str, Any], MetaViT]] = {}
     for item in args.compare:
         label, sep, path = item.partition("=")
@@ -506,16 +523,16 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         compare[label] = (path, *_load_model(path, device))
     origin = trained_on(ckpt)
     data, data_dir = data_source(origin, args.data, args.data_dir)
-    sets = sweep_data(model.config, data=data, data_dir=data_dir, holdout=holdout,
-                      limit=args.limit if args.limit is not None else trained.get("limit"),
-                      holdout_limit=args.holdout_limit, test_limit=args.test_limit, with_test=not args.no_test)
+    holdout = pipeline_holdout(data, {"--checkpoint": args.checkpoint}, args.holdout)  # the run's own
+    sets = sweep_data(model.config, data=data, data_dir=data_dir, holdout=holdout, holdout_limit=args.holdout_limit,
+                      test_limit=args.test_limit, with_test=not args.no_test)
     check_same_classes(origin, sets.holdout.info, args.checkpoint, data_dir)
     for path, other_ckpt, _ in compare.values():
         check_same_classes(trained_on(other_ckpt), sets.holdout.info, path, data_dir)
     result = run_sweep(model, sets, out, budget_gmacs=args.budget_gmacs, count=args.count, seed=args.seed,
                        batch_size=args.batch_size, compare={k: m for k, (_, _, m) in compare.items()}, progress=None,
-                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout,
-                             "data": data, "device": str(device)})
+                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout.fraction,
+                             "holdout_seed": holdout.seed, "data": data, "device": str(device)})
     print(format_table(result["rows"]))
     best = result["best"]
     if best is not None:

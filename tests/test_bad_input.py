@@ -351,7 +351,7 @@ def test_budget_not_positive(capsys, tmp_path: Path, tiny_checkpoint: Path, budg
 
 def test_budget_above_the_dense_network(capsys, tmp_path: Path, tiny_checkpoint: Path, fmnist_dir: str):
     """A budget far above the full network's 0.0024 GMACs is most likely MACs given as GMACs."""
-    _error_line(capsys, ["sweep", "--checkpoint", tiny_checkpoint, "--budget-gmacs", "2400000", "--limit", "64",
+    _error_line(capsys, ["sweep", "--checkpoint", tiny_checkpoint, "--budget-gmacs", "2400000",
                          "--holdout-limit", "8", "--no-test", "--count", "2", "--threads", "1", "--out",
                          tmp_path / "sweep"], "2400000", "GMACs")
 
@@ -368,7 +368,7 @@ def test_budget_above_the_dense_network(capsys, tmp_path: Path, tiny_checkpoint:
         (["evaluate", "--checkpoint", "{ckpt}", "--plan", "fastest"], ["fastest", "max, min, random:K"]),
         (["train-meta", "--min-keep", "0", "--out", "{tmp}/m"], ["--min-keep 0.0 must be in (0, 1]"]),
         (["train-meta", "--widths", "a,b", "--out", "{tmp}/m"], ["--widths 'a,b'", "comma-separated numbers"]),
-        (["train-meta", "--holdout", "1", "--out", "{tmp}/m"], ["--holdout 1.0 must be in [0, 1)"]),
+        (["train-meta", "--holdout", "0", "--out", "{tmp}/m"], ["--holdout 0.0 must be in (0, 1)"]),
         (["train-dense", "--img-size", "30", "--out", "{tmp}/r"], ["img_size 30", "multiple of patch_size 4"]),
         (["train-dense", "--resume", "--out", "{tmp}/none"], ["nothing to resume", "drop --resume"]),
         (["evaluate", "--checkpoint", "{ckpt}", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),

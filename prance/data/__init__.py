@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from prance.data.base import DatasetInfo, IndexedDataset
 from prance.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
 from prance.data.fashion_mnist import FashionMNIST
 from prance.data.folder import ImageFolder
+from prance.data.splits import subset
 from prance.data.transforms import check_images
 from prance.errors import PranceError
 
@@ -30,7 +29,6 @@ __all__ = [
     "IndexedDataset",
     "build_dataset",
     "check_images",
-    "holdout_split",
 ]
 
 
@@ -79,34 +77,4 @@ def build_dataset(
         )
     else:
         raise PranceError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
-    if limit is not None and limit < len(dataset):
-        # Sorted, so the subset is read in storage order.
-        dataset = dataset.select(_permutation(len(dataset), seed)[:limit].sort().values)
-    return dataset
-
-
-def holdout_split(
-    dataset: IndexedDataset, fraction: float, seed: int
-) -> tuple[IndexedDataset, IndexedDataset]:
-    """Split off a random ``fraction`` of a (training) set, the same for the same seed.
-
-    Subnets and selectors are chosen on the held-out part, so that choice is not made on
-    images the meta-network was trained on.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise PranceError(f"holdout fraction {fraction} must be in (0, 1); use e.g. 0.1")
-    n = len(dataset)
-    n_holdout = round(n * fraction)
-    if not 0 < n_holdout < n:
-        raise PranceError(
-            f"a holdout fraction of {fraction} of {n} samples leaves an empty part; "
-            "use a larger --limit or another fraction"
-        )
-    order = _permutation(n, seed)
-    holdout, train = order[:n_holdout].sort().values, order[n_holdout:].sort().values
-    return dataset.select(train), dataset.select(holdout)
-
-
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    """A permutation of range(n) fixed by ``seed`` alone (not by the global RNG state)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return subset(dataset, limit, seed)

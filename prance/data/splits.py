@@ -124,6 +124,23 @@ def training_splits(
     return TrainingSplits(train, held, holdout)
 
 
+def holdout_set(
+    name: str,
+    *,
+    img_size: int,
+    in_chans: int,
+    holdout: Holdout = Holdout(),
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> IndexedDataset:
+    """The held-out training images alone (``limit`` random ones of them), never augmented: what choices read."""
+    from prance.data import build_dataset
+
+    plain = build_dataset(name, "train", img_size=img_size, in_chans=in_chans, train_augment=False, root=root)
+    return subset(plain.select(holdout.indices(len(plain))[1]), limit, seed)
+
+
 def final_test_set(
     name: str,
     *,
@@ -141,4 +158,4 @@ def final_test_set(
 
 
 __all__ = ["DEFAULT_HOLDOUT_FRACTION", "DEFAULT_HOLDOUT_SEED", "Holdout", "TrainingSplits", "permutation",
-           "final_test_set", "subset", "training_splits"]
+           "final_test_set", "holdout_set", "subset", "training_splits"]

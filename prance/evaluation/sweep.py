@@ -3,7 +3,7 @@
 This is the "best static subnet of the meta-network at the same MACs" baseline (DESIGN.md §6).
 A spread of one-plan-for-every-image subnets (largest, smallest, uniform ladders and random
 ones, chosen to cover the MACs range evenly) is evaluated on a **held-out part of the training
-data** — the images meta-training left out (``prance.data.holdout_split``) — and the most
+data** — the images meta-training left out (``prance.data.splits``) — and the most
 accurate subnet whose MACs fit the budget is chosen there. Only then is its test accuracy
 measured: the test split never influences the choice.
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prance.accounting import count_macs
 from prance.config import SearchSpace, ViTConfig
-from prance.data import build_dataset, holdout_split
+from prance.data.splits import Holdout, final_test_set, holdout_set
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate, write_json
 from prance.model.metavit import MetaViT
@@ -38,11 +38,6 @@ from prance.training.subnets import (
     smallest_subnet,
     with_keep,
 )
-
-#: Seed of the holdout split of the training data, shared by ``prance train-meta`` and the sweep
-#: and fixed, so every stage of a pipeline holds out the same images whatever its own ``--seed``.
-HOLDOUT_SEED = 0
-
 
 # ----------------------------------------------------------------------------- which subnets
 def candidate_subnets(config: ViTConfig, space: SearchSpace, num_random: int = 64, seed: int = 0) -> list[tuple[str, Plan]]:
@@ -157,22 +152,22 @@ def sweep_data(
     *,
     data: str = "fashion-mnist",
     data_dir: str | None = None,
-    holdout: float = 0.1,
-    limit: int | None = None,
+    holdout: Holdout = Holdout(),
     holdout_limit: int | None = None,
     test_limit: int | None = None,
     with_test: bool = True,
+    seed: int = 0,
 ) -> SweepData:
-    """The holdout part of the training split (as meta-training left it out) and the test split."""
-    train = build_dataset(data, "train", img_size=config.img_size, in_chans=config.in_chans, train_augment=False,
-                          root=data_dir, limit=limit, seed=HOLDOUT_SEED)
-    _, held = holdout_split(train, holdout, HOLDOUT_SEED)
-    if holdout_limit is not None and holdout_limit < len(held):
-        held = held.select(slice(0, holdout_limit))
+    """The holdout of the training split (the one the meta-network was trained without) and the test split.
+
+    ``holdout_limit`` / ``test_limit`` keep random subsets of that many images, drawn with ``seed``.
+    """
+    held = holdout_set(data, img_size=config.img_size, in_chans=config.in_chans, holdout=holdout, root=data_dir,
+                       limit=holdout_limit, seed=seed)
     test = None
     if with_test:
-        test = build_dataset(data, "test", img_size=config.img_size, in_chans=config.in_chans, train_augment=False,
-                             root=data_dir, limit=test_limit, seed=HOLDOUT_SEED)
+        test = final_test_set(data, img_size=config.img_size, in_chans=config.in_chans, root=data_dir,
+                              limit=test_limit, seed=seed)
     return SweepData(held, test)
 
 
@@ -292,7 +287,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 __all__ = [
-    "HOLDOUT_SEED",
     "SweepData",
     "candidate_subnets",
     "evaluate_subnets",

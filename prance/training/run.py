@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from prance.data.splits import Holdout
 from prance.devices import resolve_device
 from prance.errors import PranceError
 from prance.files import atomic_write
@@ -176,6 +178,11 @@ class RunFolder:
 
     def prepare(self, resume: bool, overwrite: bool) -> dict[str, Any] | None:
         """Check the folder can take this run (nothing is created yet); returns the checkpoint to resume."""
+        self.check(resume, overwrite)
+        return load_checkpoint(self.path / LAST, kind=self.kind) if resume else None
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """:meth:`prepare` without reading the checkpoint: a quick check before a long set-up."""
         if resume and overwrite:
             raise PranceError("--resume and --overwrite contradict each other; give one of them")
         if self.path.exists() and not self.path.is_dir():
@@ -184,12 +191,11 @@ class RunFolder:
             if not (self.path / LAST).is_file():
                 raise PranceError(f"nothing to resume in {self.path} (no {LAST}); drop --resume to start a new run "
                                   "there")
-            return load_checkpoint(self.path / LAST, kind=self.kind)
+            return
         held = [name for name in (LAST, BEST) if (self.path / name).exists()]
         if held and not overwrite:
             raise PranceError(f"{self.path} already holds a run ({', '.join(held)}); pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
-        return None
 
     def create(self, fresh: bool, split: Mapping[str, Any]) -> None:
         """Make the folder and record the split (a fresh run also starts a new log)."""
@@ -214,6 +220,52 @@ def check_same_settings(current: Mapping[str, Any], saved: Mapping[str, Any], re
         if name not in resumable and name in saved and value != saved[name]:
             raise PranceError(f"resuming {where} with {name}={value!r}, but the run used {saved[name]!r}; resume "
                               "with the same settings or start a new --out")
+
+
+# ----------------------------------------------------------------------------- the pipeline's holdout
+def pipeline_holdout(
+    data: str, sources: Mapping[str, str | None], fraction: float | None = None, seed: int | None = None
+) -> Holdout:
+    """The holdout of a later stage: the one its ``sources`` (e.g. ``{"--init": path}``) were trained with.
+
+    ``fraction`` / ``seed`` given by the user may only repeat it: another holdout would make
+    choices on images those models learned from. A timm/DeiT file, or a checkpoint of another
+    data set, holds out nothing of ``data``; a prance checkpoint of ``data`` that records no
+    holdout (written before holdouts were recorded) gets the default one, with a warning.
+    """
+    known: dict[str, tuple[str, Holdout]] = {}
+    unrecorded: list[str] = []
+    for flag, path in sources.items():
+        ckpt = None if path is None or path.startswith("timm:") else _prance_checkpoint(path)
+        if ckpt is None:
+            continue
+        split = ckpt.get("split")
+        if isinstance(split, Mapping) and split.get("data") == data:
+            known[flag] = (path, Holdout.from_dict(split["holdout"]))
+        elif split is None:
+            unrecorded.append(f"{flag} {path}")
+    inherited = next(iter(known.values()))[1] if known else Holdout()
+    holdout = Holdout(inherited.fraction if fraction is None else fraction, inherited.seed if seed is None else seed)
+    for flag, (path, h) in known.items():
+        if h != holdout:
+            fix = ("drop --holdout/--holdout-seed to use its holdout" if fraction is not None or seed is not None
+                   else "give checkpoints of one pipeline (the same holdout)")
+            raise PranceError(f"{flag} {path} was trained with holdout {h.fraction:g} (seed {h.seed}), not "
+                              f"{holdout.fraction:g} (seed {holdout.seed}); {fix}")
+    if unrecorded and not known:
+        warnings.warn(f"{', '.join(unrecorded)} records no holdout; using holdout {holdout.fraction:g} (seed "
+                      f"{holdout.seed}): if that model was trained on some of those images, choices made on them "
+                      "are optimistic", stacklevel=2)
+    return holdout
+
+
+def _prance_checkpoint(path: str) -> Mapping[str, Any] | None:
+    """The checkpoint at ``path`` if it is a readable prance checkpoint (else None: the model loader reports it)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 — torch raises many kinds for foreign or damaged files
+        return None
+    return obj if isinstance(obj, Mapping) and obj.get("format") == "prance-checkpoint" else None
 
 
 # ----------------------------------------------------------------------------- the task interface
@@ -434,5 +486,6 @@ __all__ = [
     "mix_seed",
     "on_device",
     "param_groups",
+    "pipeline_holdout",
     "train_loop",
 ]

@@ -1,4 +1,4 @@
-"""build_dataset (the single entry point) and the held-out split."""
+"""build_dataset (the single entry point) and the held-out part of the training split (prance.data.splits)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from prance.data import IndexedDataset, build_dataset, holdout_split
+from prance.data import IndexedDataset, build_dataset
+from prance.data.splits import Holdout
 from prance.data.base import DatasetInfo, Sample
 
 
@@ -115,26 +116,26 @@ def test_bad_arguments_name_the_fix(
         build_dataset(**args)
 
 
-def test_holdout_split_is_disjoint_complete_and_deterministic() -> None:
+def test_holdout_is_disjoint_complete_and_deterministic() -> None:
     dataset = Numbered(1000)
-    train, holdout = holdout_split(dataset, 0.1, seed=0)
+    train, holdout = Holdout(0.1, seed=0).split(dataset)
     assert len(train) == 900 and len(holdout) == 100
     assert set(train.targets.tolist()).isdisjoint(holdout.targets.tolist())
     assert sorted(train.targets.tolist() + holdout.targets.tolist()) == list(range(1000))
-    again_train, again_holdout = holdout_split(dataset, 0.1, seed=0)
+    again_train, again_holdout = Holdout(0.1, seed=0).split(dataset)
     assert torch.equal(holdout.targets, again_holdout.targets) and torch.equal(
         train.targets, again_train.targets
     )
-    assert not torch.equal(holdout.targets, holdout_split(dataset, 0.1, seed=1)[1].targets)
+    assert not torch.equal(holdout.targets, Holdout(0.1, seed=1).split(dataset)[1].targets)
     # Not a prefix or suffix: the held-out samples are spread over the whole set.
     assert holdout.targets.min() < 100 and holdout.targets.max() >= 900
 
 
-def test_holdout_split_ignores_the_global_rng() -> None:
+def test_holdout_ignores_the_global_rng() -> None:
     torch.manual_seed(0)
-    first = holdout_split(Numbered(50), 0.2, seed=7)[1].targets
+    first = Holdout(0.2, seed=7).split(Numbered(50))[1].targets
     torch.manual_seed(1)
-    assert torch.equal(first, holdout_split(Numbered(50), 0.2, seed=7)[1].targets)
+    assert torch.equal(first, Holdout(0.2, seed=7).split(Numbered(50))[1].targets)
 
 
 def test_holdout_parts_are_full_datasets(small_fmnist_dir: Path) -> None:
@@ -146,7 +147,7 @@ def test_holdout_parts_are_full_datasets(small_fmnist_dir: Path) -> None:
         train_augment=False,
         root=small_fmnist_dir,
     )
-    train, holdout = holdout_split(dataset, 0.25, seed=0)
+    train, holdout = Holdout(0.25, seed=0).split(dataset)
     assert holdout.info == train.info == dataset.info
     images, labels = next(iter(DataLoader(holdout, batch_size=len(holdout))))
     assert images.shape == (16, 1, 28, 28)
@@ -156,4 +157,4 @@ def test_holdout_parts_are_full_datasets(small_fmnist_dir: Path) -> None:
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 0.001])
 def test_holdout_fraction_must_leave_two_non_empty_parts(prance_error, fraction: float) -> None:
     with prance_error("holdout fraction"):
-        holdout_split(Numbered(100), fraction, seed=0)
+        Holdout(fraction, seed=0).split(Numbered(100))

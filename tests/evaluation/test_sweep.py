@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from prance import PranceError, count_macs, create_model
+from prance.data.splits import Holdout
 from prance.evaluation import sweep as sweep_mod
 from prance.evaluation.evaluate import plans_from_spec
 from prance.evaluation.sweep import pick_for_budget, run_sweep, spread_subnets, sweep_data
@@ -57,9 +58,9 @@ def test_sweep_chooses_on_the_images_meta_training_held_out_never_on_the_test_sp
     run_train_meta(run, MetaTrainConfig(epochs=1, batch_size=100, max_steps=1, warmup_steps=1), tmp_path / "m",
                    progress=False)
     model = create_model("fmnist-micro", **MICRO)
-    data = sweep_data(model.config, data_dir=fmnist_dir, holdout=0.25, limit=400, test_limit=50)
+    data = sweep_data(model.config, data_dir=fmnist_dir, holdout=Holdout(0.25), holdout_limit=100, test_limit=50)
     held, trained = set(data.holdout._index.tolist()), set(captured["train"]._index.tolist())
-    assert len(held) == 100 and len(trained) == 300 and not held & trained
+    assert len(held) == 100 and len(trained) == 400 and not held & trained
 
     # Fake accuracies: on held-out images subnet A (the cheapest over the budget's half) wins,
     # on the test split the largest subnet within budget does. The choice must follow the holdout.
@@ -89,7 +90,7 @@ def test_sweep_writes_curve_files_and_a_plan_evaluate_can_load(tmp_path: Path, f
     torch.manual_seed(0)
     model = create_model("fmnist-micro", **MICRO)
     dense = create_model("fmnist-micro", **MICRO)
-    data = sweep_data(model.config, data_dir=fmnist_dir, holdout=0.1, limit=600, holdout_limit=40, test_limit=40)
+    data = sweep_data(model.config, data_dir=fmnist_dir, holdout_limit=40, test_limit=40)
     result = run_sweep(model, data, tmp_path, budget_gmacs=0.002, count=10, compare={"dense": dense})
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert len(rows) == 10 and all(r["gmacs"] > 0 and 0 <= r["test_top1"] <= 100 for r in rows)

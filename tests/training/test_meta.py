@@ -121,7 +121,7 @@ def test_distillation_targets_follow_the_chosen_source():
 
 # ----------------------------------------------------------------------------- whole runs on real data
 def test_meta_training_lowers_the_loss_and_writes_meta_checkpoints(tmp_path: Path, fmnist_dir: str):
-    summary = run_train_meta(_run(fmnist_dir, limit=640), _cfg(epochs=3), tmp_path,
+    summary = run_train_meta(_run(fmnist_dir, limit=512), _cfg(epochs=3), tmp_path,
                              progress=False)
     steps = [r for r in _log(tmp_path) if r["event"] == "step"]
     assert summary["complete"] and steps[-1]["step"] == summary["total_steps"] == 24  # 512 train images / 64 × 3
@@ -140,7 +140,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fmni
     run = _run(fmnist_dir, preset=None, model_overrides={}, init=str(dense), teacher="init")
     cfg = _cfg(checkpoint_every=3, num_random=1)
     run_train_meta(run, cfg, tmp_path / "straight", progress=False)
-    run_train_meta(run, cfg, tmp_path / "resumed", progress=False, stop_after=3)  # mid-epoch (4 steps/epoch)
+    run_train_meta(run, cfg, tmp_path / "resumed", progress=False, stop_after=3)  # mid-epoch (5 steps/epoch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["train_state"]["step"] == 3
     with pytest.raises(PranceError, match="already holds a run"):
         run_train_meta(run, cfg, tmp_path / "resumed", progress=False)
