@@ -194,3 +194,10 @@ def test_a_run_saved_by_the_honest_splits_commit_resumes_to_the_same_weights(fmn
     atomic_save(ckpt, run / "last.pt")
     train_dense(resume_config(run), run, resume=True, verbose=False)
     _assert_same_weights(_weights(tmp_path / "straight"), _weights(run))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a visible GPU would make --device cuda valid")
+def test_asking_for_cuda_without_a_gpu_is_a_one_line_error_and_creates_nothing(fmnist_dir: str, tmp_path: Path):
+    with pytest.raises(PranceError, match="no CUDA device.*--device cpu"):
+        train_dense(_cfg(fmnist_dir), tmp_path / "run", device="cuda", verbose=False)
+    assert not (tmp_path / "run").exists()
