@@ -70,7 +70,8 @@ def stage_steps(config: ViTConfig, plan: Plan, stage: int, tokens_in: torch.Tens
     b, k = plan.batch_size, config.stage_depth
     n = torch.full((b,), config.num_patches + 1, dtype=torch.int64) if tokens_in is None else tokens_in
     width = plan.widths[:, stage]
-    hidden = plan.mlp_hidden(config)
+    blocks = slice(stage * k, (stage + 1) * k)
+    heads, hidden = plan.heads[:, blocks].unbind(1), plan.mlp_hidden(config)[:, blocks].unbind(1)
     steps = []
     for j in range(k):
         i = stage * k + j
@@ -83,7 +84,7 @@ def stage_steps(config: ViTConfig, plan: Plan, stage: int, tokens_in: torch.Tens
         out = merge_k + 1
         if tokens_after is not None:
             out = tokens_after(i, out)
-        steps.append(BlockStep(i, stage, j, k, width, prev, plan.heads[:, i], hidden[:, i], n, prune_k, merge_k, out))
+        steps.append(BlockStep(i, stage, j, k, width, prev, heads[j], hidden[j], n, prune_k, merge_k, out))
         n = out
     return steps
 

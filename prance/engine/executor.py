@@ -278,7 +278,7 @@ class DynamicExecutor(StepwiseExecutor):
         self.attention = attention
         self.call_macs = _CALL_MACS.get(attention, attention_call_macs)
         self.group_call_macs = group_call_macs
-        self._views: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._views: dict[tuple, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
 
     # ------------------------------------------------------------------ stepwise API
     @torch.inference_mode()
@@ -452,33 +452,33 @@ class DynamicExecutor(StepwiseExecutor):
         return [out], key_means
 
     # ------------------------------------------------------------------ weights
-    def _cached(self, key: tuple, sources: tuple[torch.Tensor, ...], make: Callable[[], tuple[torch.Tensor, ...]]
-                ) -> tuple[torch.Tensor, ...]:
-        """Weight slices for ``key``, made once per version of their ``sources``.
+    def _cached(self, key: tuple, source: torch.Tensor, make: Callable[[], tuple[torch.Tensor, ...]],
+                copies: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
+        """Weight slices for ``key``, made once; stamped with the storage of ``source``.
 
-        Some slices are copies (the QKV rows of fewer heads are not one strided view), so an
-        entry is stamped with the storage and in-place version of every source tensor: after
-        ``load_state_dict`` or an optimiser step the stamp differs and the slice is made again.
+        Slices that are views read the parameters' current values whatever happens to them in
+        place. Slices that are copies (the QKV rows of fewer heads are not one strided view)
+        name the tensors they copy in ``copies``: their in-place versions join the stamp, so
+        after ``load_state_dict`` or an optimiser step the copy is made again.
         """
-        stamp = tuple((t.data_ptr(), _version(t)) for t in sources)
+        stamp = (source.data_ptr(), *(_version(t) for t in copies))
         hit = self._views.get(key)
-        if hit is None or hit[0] != stamp or None in (v for _, v in stamp):
+        if hit is None or hit[0] != stamp or None in stamp:
             hit = self._views[key] = (stamp, make())
         return hit[1]
 
     def _qkv(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
         qkv = blk.attn.qkv
-        return self._cached(("qkv", i, width, heads), (qkv.weight, qkv.bias) if qkv.bias is not None else (qkv.weight,),
-                            lambda: blk.attn.qkv_params(width, heads))
+        copies = () if heads == blk.attn.num_heads else tuple(t for t in (qkv.weight, qkv.bias) if t is not None)
+        return self._cached(("qkv", i, width, heads), qkv.weight, lambda: blk.attn.qkv_params(width, heads), copies)
 
     def _proj(self, i: int, blk: Block, width: int, heads: int) -> tuple[torch.Tensor, ...]:
         p, c = blk.attn.proj, heads * blk.attn.head_dim
-        return self._cached(("proj", i, width, heads), (p.weight, p.bias),
-                            lambda: (p.weight[:width, :c], p.bias[:width]))
+        return self._cached(("proj", i, width, heads), p.weight, lambda: (p.weight[:width, :c], p.bias[:width]))
 
     def _fc(self, i: int, blk: Block, width: int, hidden: int) -> tuple[torch.Tensor, ...]:
         m = blk.mlp
-        return self._cached(("mlp", i, width, hidden), (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias), lambda: (
+        return self._cached(("mlp", i, width, hidden), m.fc1.weight, lambda: (
             m.fc1.weight[:hidden, :width], m.fc1.bias[:hidden], m.fc2.weight[:width, :hidden], m.fc2.bias[:width]))
 
     def _group_norm(self, key: tuple, norm: torch.nn.LayerNorm, g: _Group) -> torch.Tensor:
@@ -492,7 +492,7 @@ class DynamicExecutor(StepwiseExecutor):
         return F.layer_norm(x, (w,), *self._norm_params(key, norm, w), norm.eps)
 
     def _norm_params(self, key: tuple, norm: torch.nn.LayerNorm, w: int) -> tuple[torch.Tensor, ...]:
-        return self._cached((*key, w), (norm.weight, norm.bias), lambda: (norm.weight[:w], norm.bias[:w]))
+        return self._cached((*key, w), norm.weight, lambda: (norm.weight[:w], norm.bias[:w]))
 
     # ------------------------------------------------------------------ stage boundary
     def _regroup(self, groups: list[_Group], new_widths: list[int], stage: int) -> list[_Group]:
@@ -737,7 +737,7 @@ class DynamicExecutor(StepwiseExecutor):
 
 
 def _version(t: torch.Tensor) -> int | None:
-    """In-place version counter of ``t`` (None for inference tensors, which have none: never cached)."""
+    """In-place version counter of ``t``; None for inference tensors, which have none (never cached)."""
     try:
         return t._version
     except RuntimeError:
