@@ -20,7 +20,7 @@ from typing import Any
 
 from prance.data.base import DatasetInfo, IndexedDataset
 from prance.data.fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
-from prance.data.splits import Holdout, final_test_set, training_splits
+from prance.data.splits import Holdout, final_test_set, holdout_set
 from prance.errors import PranceError
 
 #: Splits a command may read: the held-out training images (for choices) or the test split (final numbers).
@@ -127,8 +127,7 @@ def checkpoint_dataset(
         if trained.holdout is None:
             raise PranceError(f"{checkpoint} does not record which training images it held out (written before "
                               "holdouts were recorded); use --split test")
-        dataset = training_splits(name, **shape, holdout=trained.holdout, train_augment=False, root=root,
-                                  holdout_limit=limit, seed=seed).holdout
+        dataset = holdout_set(name, **shape, holdout=trained.holdout, root=root, limit=limit, seed=seed)
     check_same_classes(trained, dataset.info, checkpoint, root)
     return dataset
 
