@@ -395,8 +395,9 @@ def train_loop(
         batches = iter(loader)
         model.train()
         epoch_start = time.perf_counter()
-        bar = tqdm(total=epoch_steps, initial=in_epoch, desc=f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}",
-                   leave=False, disable=(None if progress is None else not progress) if ctx.is_main else True)
+        quiet = (None if progress is None else not progress) if ctx.is_main else True
+        bar = tqdm(total=epoch_steps, initial=in_epoch, leave=False, disable=quiet,
+                   desc=f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}")
         while in_epoch < epoch_steps and (stop_at is None or step < stop_at):
             # --- one step; its randomness depends on (seed, step, rank) only
             torch.manual_seed(mix_seed(s.seed, step, 1 + ctx.rank))
