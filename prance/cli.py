@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(e)
     e.set_defaults(func=_cmd_evaluate)
     _add_meta_commands(sub, debug)
+    _add_selector_command(sub, debug)
     _add_bench_command(sub, debug)
 
     # --- visualize
@@ -285,6 +286,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     ckpt, model = _load_model(args.checkpoint, device)
     cfg = model.config
+    from prance.adaptive import SELECTOR_KINDS
+
+    if ckpt["kind"] in SELECTOR_KINDS:
+        return _evaluate_adaptive(args, ckpt, device)
     # Plans are read with every token mode allowed, so that a plan the checkpoint was not trained for is
     # refused by require_trained_for, naming the checkpoint and the fix; a dense model runs any plan's slices.
     any_tokens = replace(model.space, token_mode="prune_merge")
@@ -311,6 +316,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.out is not None:
         write_json(result, args.out)
         print(f"wrote {args.out}")
+
+
+def _evaluate_adaptive(args: argparse.Namespace, ckpt: dict[str, Any], device: Any) -> None:
+    """``evaluate`` of an adaptive model: top-1, mean and per-image MACs, tokens; per-image decisions to --out."""
+    from torch.utils.data import DataLoader
+
+    from prance.adaptive import AdaptiveViT
+    from prance.data.provenance import checkpoint_dataset
+    from prance.evaluation.evaluate import evaluate_adaptive, write_csv, write_json
+
+    if args.plan != "max" or args.baseline:
+        raise PranceError(f"{args.checkpoint} is an adaptive model: its selector decides every plan; drop --plan and "
+                          "--baseline (evaluate its meta-network checkpoint for static plans)")
+    adaptive = AdaptiveViT.from_checkpoint(ckpt, args.checkpoint).to(device)
+    dataset = checkpoint_dataset(ckpt, args.checkpoint, split=args.split, data=args.data, data_dir=args.data_dir,
+                                 limit=args.limit, seed=args.seed)
+    summary, records = evaluate_adaptive(adaptive, DataLoader(dataset, batch_size=args.batch_size, shuffle=False))
+    q = summary["macs_quantiles"]
+    print(f"adaptive  top-1 {summary['top1']:6.2f}%  {summary['gmacs']:.4f} GMACs ({summary['macs_ratio']:.3f} of "
+          f"dense; per image {float(q['0.05']) / 1e9:.4f}-{float(q['0.95']) / 1e9:.4f})  {summary['params_m']:.3f} M "
+          f"params  {summary['tokens']:.1f} tokens  ({summary['images']} {dataset.info.name} {args.split} images)")
+    if args.out is not None:
+        csv_path = Path(args.out).with_suffix(".csv")
+        write_json({"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "data": dataset.info.name,
+                    "split": args.split, "device": str(device), "budget": ckpt.get("budget"),
+                    "calibration": ckpt.get("calibration"), "summary": summary, "images": records}, args.out)
+        write_csv(records, csv_path)
+        print(f"wrote {args.out} and {csv_path} (per-image decisions)")
 
 
 # ----------------------------------------------------------------------------- visualize
@@ -540,6 +573,76 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         print(f"best static subnet within {best['budget_gmacs']} GMACs: {best['name']} ({best['gmacs']:.4f} GMACs, "
               f"held-out top-1 {best['holdout_top1']:.2f}%{test}); plan {best['plan_file']}")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
+
+
+# ----------------------------------------------------------------------------- train-selector
+def _add_selector_command(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """``train-selector``: PPO with the Result-to-Go reward on a frozen meta-network, under a MACs budget."""
+    from prance.selector.features import ENCODERS
+
+    p = sub.add_parser("train-selector", parents=[debug], help="train the per-image selector (Result-to-Go PPO)",
+                       description="Train the selector of a frozen meta-network with PPO and the Result-to-Go "
+                       "reward, its MACs penalty adapted by dual ascent until the mean meets the budget; then "
+                       "calibrate it on the holdout and write adaptive.pt (an AdaptiveViT), last.pt, log.jsonl and "
+                       "curves.png into --out. Under `torchrun --nproc_per_node N` each process rolls out its own "
+                       "images.")
+    p.add_argument("--meta", required=True, help="the meta-network checkpoint (e.g. runs/meta/best.pt)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, default=None,
+                        help="mean MACs as a fraction of the dense model's, selector included (default 0.5)")
+    budget.add_argument("--gmacs", type=float, default=None, help="mean GMACs per image instead of --budget")
+    p.add_argument("--encoder", choices=ENCODERS, default="keys",
+                   help="state: 'keys' (the paper's per-token key means, default) or 'cls' (cls features)")
+    p.add_argument("--updates", type=int, default=300, help="PPO updates, one rollout each (default 300)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per rollout and process (default 128)")
+    p.add_argument("--hidden", type=int, default=128, help="selector MLP width (default 128)")
+    p.add_argument("--mlp-per-stage", action="store_true", help="one MLP ratio per stage instead of per block")
+    p.add_argument("--keep-penalty", type=float, default=0.01, help="penalty on kept tokens (default 0.01)")
+    p.add_argument("--lr", type=float, default=3e-4, help="PPO Adam learning rate (default 3e-4)")
+    p.add_argument("--limit", type=int, default=None, help="roll out on a random subset of this many training images")
+    p.add_argument("--holdout-limit", type=int, default=None, help="calibrate on at most this many held-out images")
+    p.add_argument("--data-dir", default=None, help="where the meta-network's data set lives (default: its own)")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="write last.pt every N updates (default 25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="run folder (created if missing)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    _add_device_argument(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=_cmd_train_selector)
+
+
+def _cmd_train_selector(args: argparse.Namespace) -> None:
+    from prance.accounting import count_macs
+    from prance.data.provenance import trained_on
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from prance.training.selector import SelectorTrainConfig, train_selector
+
+    for flag in ("updates", "batch_size", "hidden", "lr", "limit", "holdout_limit", "checkpoint_every", "gmacs"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    ckpt = load_checkpoint(args.meta, kind=("meta", "joint"))
+    budget = 0.5 if args.budget is None else args.budget
+    if args.gmacs is not None:
+        dense = count_macs(model_from_checkpoint(ckpt)) / 1e9
+        budget = args.gmacs / dense
+        if not 0 < budget <= 1:
+            raise PranceError(f"--gmacs {args.gmacs} is above the dense model's {dense:.4f} GMACs; give at most that")
+    trained = trained_on(ckpt)
+    _set_threads(args.threads)
+    out = check_writable_dir(args.out)
+    cfg = SelectorTrainConfig(budget=budget, updates=args.updates, batch_size=args.batch_size, encoder=args.encoder,
+                              hidden=args.hidden, mlp_per_stage=args.mlp_per_stage, keep_penalty=args.keep_penalty,
+                              ppo={"lr": args.lr}, seed=args.seed, limit=args.limit, holdout_limit=args.holdout_limit,
+                              checkpoint_every=args.checkpoint_every, data=trained.data or "fashion-mnist",
+                              data_dir=args.data_dir or trained.data_dir)
+    summary = train_selector(args.meta, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0 and "adaptive" in summary:
+        print(f"selector in {summary['out']}: {summary['update']} updates; on the holdout top-1 "
+              f"{summary['holdout_top1']:.2f}% at {summary['holdout_macs_ratio']:.4f} of the dense MACs (budget "
+              f"{budget:.4g}); adaptive model {summary['adaptive']}")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"selector in {summary['out']}: paused at update {summary['update']}/{summary['updates']}; continue "
+              "with --resume")
 
 
 # ----------------------------------------------------------------------------- bench

@@ -98,6 +98,62 @@ def evaluate(
     }
 
 
+def evaluate_adaptive(
+    adaptive: Any, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, progress: bool | None = False,
+    desc: str = "evaluate"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Top-1 and cost of an :class:`~prance.adaptive.AdaptiveViT`, and one record per image.
+
+    Every image runs its own selector decisions; MACs include the selector's. The summary has
+    the keys of :func:`evaluate` plus ``macs_ratio`` (mean MACs / dense MACs) and per-image
+    MACs quantiles; each per-image record holds its label, prediction, MACs, tokens per stage
+    and the decisions (widths, MLP ratios, heads, keep ratios).
+    """
+    device = adaptive.model.cls_token.device
+    records: list[dict[str, Any]] = []
+    correct = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, labels in tqdm(loader, desc=desc, disable=_tqdm_disable(progress), leave=False):
+            images, labels = images.to(device), labels.to(device)
+            predictions = adaptive(images).argmax(-1)
+            correct += int((predictions == labels).sum())
+            for row, y, p in zip(adaptive.last.rows(), labels.tolist(), predictions.tolist()):
+                records.append({"index": len(records), "label": y, "prediction": p, **row})
+    seconds = time.perf_counter() - start
+    n = len(records)
+    if n == 0:
+        raise PranceError("the evaluation set is empty; check the data folder or raise --limit")
+    cfg = adaptive.model.config
+    macs = torch.tensor([r["macs"] for r in records], dtype=torch.float64)
+    params = torch.tensor([r["params"] for r in records], dtype=torch.float64)
+    tokens = torch.tensor([r["tokens"] for r in records], dtype=torch.float64)
+    fractions = tokens.mean(0).tolist()
+    summary = {
+        "top1": 100.0 * correct / n, "images": n, "macs": float(macs.mean()), "gmacs": float(macs.mean()) / 1e9,
+        "macs_ratio": float(macs.mean()) / adaptive.last.dense_macs,
+        "macs_quantiles": {str(q): float(macs.quantile(q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+        "params": float(params.mean()), "params_m": float(params.mean()) / 1e6,
+        "tokens": sum(fractions) / len(fractions) * cfg.num_patches, "token_fractions": fractions,
+        "mode": "adaptive", "seconds": seconds, "images_per_second": n / seconds if seconds > 0 else math.inf,
+    }
+    return summary, records
+
+
+def write_csv(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Per-image records as CSV (list values joined by spaces), atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]))
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+    return atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
 def _tqdm_disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None lets tqdm decide (off when not a terminal)."""
     return None if progress is None else not progress
@@ -156,4 +212,4 @@ def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-__all__ = ["PlanSource", "evaluate", "plans_from_spec", "write_json"]
+__all__ = ["PlanSource", "evaluate", "evaluate_adaptive", "plans_from_spec", "write_csv", "write_json"]

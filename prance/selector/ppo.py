@@ -13,6 +13,7 @@ a clamped action (here the action stored is the one whose log-prob was taken).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -108,11 +109,13 @@ def ppo_update(
     cfg: PPOConfig,
     progress: float = 0.0,
     generator: torch.Generator | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One PPO update on ``rollout``; returns the logged statistics (CleanRL's names).
 
     ``progress`` ∈ [0, 1] places the update in the run for the entropy schedule;
-    ``generator`` seeds the minibatch shuffling.
+    ``generator`` seeds the minibatch shuffling; ``after_backward`` runs after every
+    backward pass, before clipping (e.g. averaging gradients across processes).
     """
     with torch.no_grad():
         advantages, returns = gae(rollout.rewards, rollout.values, cfg.gamma, cfg.gae_lambda)
@@ -150,6 +153,8 @@ def ppo_update(
             loss = pg_loss - ent_coef * entropy_loss + cfg.vf_coef * v_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
         if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
