@@ -85,31 +85,31 @@ class Calibration:
 
 
 def calibrate(mean_ratio_at: Callable[[float], float], budget: float, lo: float = -1.0, hi: float = 1.0,
-              tolerance: float = 0.005, max_iter: int = 30) -> Calibration:
-    """The knob value in ``[lo, hi]`` whose mean MACs ratio is closest to ``budget``, by bisection.
+              tolerance: float = 0.005, max_iter: int = 30, grid: int = 9) -> Calibration:
+    """The knob value in ``[lo, hi]`` whose mean MACs ratio is closest to ``budget``.
 
-    ``mean_ratio_at(knob)`` must not decrease as the knob grows (e.g. a shift of every raw
-    action towards the large end). Stops once within ``tolerance`` of the budget (absolute,
-    as a fraction of dense MACs) or after ``max_iter`` evaluations; if the budget is out of
-    reach, the nearest end is returned.
+    ``mean_ratio_at(knob)`` should grow with the knob (a shift of every raw action towards the
+    large end), but a trained selector need not make it monotone: its later decisions react to
+    the earlier, shifted ones. So a coarse scan of ``grid`` knob values comes first, then
+    bisection inside the first interval whose ends straddle the budget. The closest point seen
+    anywhere is returned; the search stops once within ``tolerance`` (absolute, as a fraction of
+    dense MACs) or after ``max_iter`` evaluations. An unreachable budget gets the nearest point.
     """
     budget = check_budget(budget)
-    f_lo, f_hi = mean_ratio_at(lo), mean_ratio_at(hi)
-    best = min(((lo, f_lo), (hi, f_hi)), key=lambda p: abs(p[1] - budget))
-    if not f_lo <= budget <= f_hi:
-        return Calibration(best[0], best[1], 2)
-    iterations = 2
-    while iterations < max_iter and abs(best[1] - budget) > tolerance:
-        mid = 0.5 * (lo + hi)
+    knobs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
+    seen = [(k, mean_ratio_at(k)) for k in knobs]
+    best = min(seen, key=lambda p: (abs(p[1] - budget), p[1] > budget))
+    bracket = next(((a, b) for a, b in zip(seen, seen[1:]) if (a[1] - budget) * (b[1] - budget) <= 0), None)
+    iterations = len(seen)
+    while bracket is not None and iterations < max_iter and abs(best[1] - budget) > tolerance:
+        (k_lo, f_lo), (k_hi, f_hi) = bracket
+        mid = 0.5 * (k_lo + k_hi)
         f_mid = mean_ratio_at(mid)
         iterations += 1
-        if abs(f_mid - budget) < abs(best[1] - budget) or (abs(f_mid - budget) == abs(best[1] - budget)
-                                                          and f_mid <= budget):
+        if (abs(f_mid - budget), f_mid > budget) < (abs(best[1] - budget), best[1] > budget):
             best = (mid, f_mid)
-        if f_mid > budget:
-            hi = mid
-        else:
-            lo = mid
+        bracket = ((k_lo, f_lo), (mid, f_mid)) if (f_lo - budget) * (f_mid - budget) <= 0 else ((mid, f_mid),
+                                                                                               (k_hi, f_hi))
     return Calibration(best[0], best[1], iterations)
 
 

@@ -34,7 +34,7 @@ class PPOConfig:
     update_epochs: int = 4  # passes over each rollout
     num_minibatches: int = 4  # minibatches per pass
     clip_coef: float = 0.2  # surrogate clipping range
-    clip_vloss: bool = True  # clip value updates like the policy's
+    clip_vloss: bool = False  # value clipping would let V move 0.2 per update while λ moves the returns faster
     ent_coef: float = 0.01  # entropy bonus at the start (exploration) ...
     ent_coef_final: float = 0.0  # ... decayed linearly to this over the run (the exploration schedule)
     vf_coef: float = 0.5  # weight of the value loss
@@ -157,8 +157,13 @@ def ppo_update(
                 after_backward()
             nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
-        if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
-            break
+        if cfg.target_kl is not None:
+            kl = approx_kl.detach().reshape(1).clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(kl)  # every process stops after the same epoch
+                kl /= torch.distributed.get_world_size()
+            if float(kl) > cfg.target_kl:
+                break
     return {
         "losses/policy_loss": float(pg_loss.detach()),
         "losses/value_loss": float(v_loss.detach()),

@@ -8,8 +8,9 @@ stages not yet decided at full size. It has three parts:
   model gets wrong costs nothing to get wrong, so it is free to be cheap);
 * minus ``λ ·`` the run's MACs as a fraction of the dense model's (selector included); λ is
   not a hand-set weight but the Lagrange multiplier of the budget (see :mod:`.budget`);
-* minus ``keep_penalty ·`` the fraction of patch tokens the decided stage keeps (a small
-  nudge towards fewer tokens when accuracy and MACs are indifferent).
+* minus ``keep_penalty ·`` the fraction of the tokens entering the decided stage that it keeps
+  (its own decision, not what earlier stages removed; a small nudge towards fewer tokens when
+  accuracy and MACs are indifferent).
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ def step_reward(
     kept: torch.Tensor,
 ) -> StepReward:
     """The parts of one step's reward from its completed run (``macs`` per image, selector included)."""
-    dtype = logits.dtype
+    dtype, dev = torch.float32, logits.device  # rewards in float32 whatever the network's precision
     return StepReward(
-        relative_accuracy(logits, labels, dense_correct),
-        macs.to(dtype) / dense_macs,
-        kept.to(device=logits.device, dtype=dtype),
+        relative_accuracy(logits, labels, dense_correct).to(dtype),
+        macs.to(device=dev, dtype=dtype) / dense_macs,
+        kept.to(device=dev, dtype=dtype),
     )
 
 

@@ -162,6 +162,9 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     update = 0
     if resume_from is not None:
         state = resume_from["train_state"]
+        if int(state.get("world_size", 1)) != ctx.world_size:
+            raise PranceError(f"the run in {folder.path} used {state.get('world_size', 1)} processes; resume it with "
+                              "as many (torchrun --nproc_per_node)")
         selector = selector_from_record(resume_from["selector"], model, folder.path / LAST).to(ctx.device)
         optimizer = torch.optim.Adam(selector.agent.parameters(), lr=ppo.lr, eps=1e-5)
         optimizer.load_state_dict(state["optimizer"])
@@ -180,6 +183,9 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
                          config=args, split=split)
     if not bool(selector.norm.fitted):  # on the first batch of the run, whatever update it starts at
         selector.fit_features(_states(engine, selector, next(_batches(splits.train, cfg, ctx, 0))[0], cfg.budget))
+        if ctx.distributed:  # every rank standardises as rank 0 does (that is what is saved and deployed)
+            for t in (selector.norm.mean, selector.norm.std):
+                dist.broadcast(t, src=0)
     batches = _batches(splits.train, cfg, ctx, update)
     budget = torch.full((cfg.batch_size,), cfg.budget, dtype=torch.float64)
 
@@ -195,27 +201,28 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     stop_at = None if stop_after is None else update + stop_after
     while update < cfg.updates and (stop_at is None or update < stop_at):
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, update, ctx.rank))
+        act_gen = torch.Generator(device=ctx.device).manual_seed(mix_seed(cfg.seed, update, ctx.rank))
+        order_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, update, ctx.rank, 1))
         images, labels = next(batches)
         images, labels = images.to(ctx.device), labels.to(ctx.device)
 
         # --- rollout: the selector samples every stage; Result-to-Go outcomes for each step
         dense_correct = engine(images).argmax(-1) == labels
         sampled: list[Sampled] = []
-        rollout = engine.rollout(images, lambda s: _record(sampled, selector.sample(s, gen)), budget=budget)
+        rollout = engine.rollout(images, lambda s: _record(sampled, selector.sample(s, act_gen)), budget=budget)
         lam = dual.lam_of(budget).to(ctx.device, torch.float32)
         parts = [step_reward(step.outcome.logits, labels, dense_correct, step.outcome.macs + selector_macs,
-                             dense_macs, token_fractions(model.config, step.outcome.plan)[:, step.stage])
+                             dense_macs, stage_kept(model.config, step.outcome.plan, step.stage))
                  for step in rollout.steps]
         rewards = torch.stack([p.total(lam, cfg.keep_penalty) for p in parts])
         buffer = Rollout(*(torch.stack([getattr(s, k) for s in sampled]) for k in
                            ("features", "action", "log_prob", "value")), rewards=rewards)
 
         # --- PPO on this rollout (buffer dropped afterwards), then one dual step on λ
-        stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=update / cfg.updates, generator=gen,
+        stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=update / cfg.updates, generator=order_gen,
                            after_backward=(lambda: _average_grads(selector, ctx)) if ctx.distributed else None)
         final_ratio = (rollout.final.macs.double() + selector_macs) / dense_macs
-        dual.update(budget, _global_mean(final_ratio, ctx).expand(len(budget)))
+        dual.update(budget, _global_mean(final_ratio.to(ctx.device), ctx).cpu().expand(len(budget)))
         update += 1
 
         # --- log (CleanRL's grouped names)
@@ -266,6 +273,12 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
 
 
 # ----------------------------------------------------------------------------- pieces
+def stage_kept(config: Any, plan: Any, stage: int) -> torch.Tensor:
+    """``[B]`` fraction of the patch tokens entering ``stage`` that it keeps (what its own decision chose)."""
+    fractions = token_fractions(config, plan)
+    return fractions[:, stage] / fractions[:, stage - 1]
+
+
 def _record(sampled: list[Sampled], s: Sampled):
     sampled.append(s)
     return s.plan
@@ -291,7 +304,7 @@ def _batches(train_set: Dataset, cfg: SelectorTrainConfig, ctx: DistContext, upd
 def _states(engine: DynamicExecutor, selector: Selector, images: torch.Tensor, budget: float) -> list:
     """The states the (untrained) selector meets on ``images``: what feature standardisation is fitted to."""
     states: list = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=selector.knob.device).manual_seed(0)
     engine.rollout(images.to(selector.knob.device), lambda s: (states.append(s), selector.sample(s, gen).plan)[1],
                    budget=budget)
     return states

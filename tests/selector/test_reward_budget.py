@@ -64,3 +64,12 @@ def test_calibration_finds_the_knob_that_lands_on_the_budget():
     assert out_of_reach.knob == 1.0
     with pytest.raises(PranceError, match="budget"):
         check_budget(1.5)
+
+
+def test_calibration_survives_a_cost_that_is_not_monotone_in_the_knob():
+    # Rises, dips below the budget again, then rises: plain bisection on [-1, 1] would look in the wrong half.
+    def ratio(knob: float) -> float:
+        return 0.6 + 0.3 * knob if knob < 0.2 else 0.3 + 0.5 * (knob - 0.2)
+
+    got = calibrate(ratio, 0.5, tolerance=0.002)
+    assert abs(got.macs_ratio - 0.5) <= 0.002 and ratio(got.knob) == got.macs_ratio
