@@ -91,13 +91,11 @@ class Selector(nn.Module):
         unit = (self.agent.to_unit(action).double() + self.knob).clamp(0.0, 1.0)
         return self.actions.decode(unit.cpu(), stage)
 
-    @torch.no_grad()
     def forward(self, state: StageState) -> Plan:
         """Deterministic decisions (each action part's mode): the selector at inference."""
         with torch.inference_mode(False), torch.no_grad():
             return self.decode(self.agent.act_deterministic(self.features(state)), state.stage)
 
-    @torch.no_grad()
     def sample(self, state: StageState, generator: torch.Generator | None = None) -> Sampled:
         """Stochastic decisions for training, with their features, log-probabilities and values."""
         with torch.inference_mode(False), torch.no_grad():

@@ -41,6 +41,7 @@ from prance.adaptive import AdaptiveViT, selector_from_record, selector_record
 from prance.data.splits import training_splits
 from prance.engine import DynamicExecutor
 from prance.errors import PranceError
+from prance.files import atomic_write
 from prance.model.metavit import MetaViT
 from prance.selector.budget import Calibration, DualAscent, calibrate, check_budget
 from prance.selector.ppo import PPOConfig, Rollout, ppo_update
@@ -305,8 +306,12 @@ def _states(engine: DynamicExecutor, selector: Selector, images: torch.Tensor, b
     """The states the (untrained) selector meets on ``images``: what feature standardisation is fitted to."""
     states: list = []
     gen = torch.Generator(device=selector.knob.device).manual_seed(0)
-    engine.rollout(images.to(selector.knob.device), lambda s: (states.append(s), selector.sample(s, gen).plan)[1],
-                   budget=budget)
+
+    def policy(state):
+        states.append(state)
+        return selector.sample(state, gen).plan
+
+    engine.rollout(images.to(selector.knob.device), policy, budget=budget)
     return states
 
 
@@ -383,8 +388,6 @@ def plot_curves(log_path: Path, out: Path) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle("prance train-selector: Result-to-Go PPO")
     fig.tight_layout()
-    from prance.files import atomic_write
-
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
     return out
