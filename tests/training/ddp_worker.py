@@ -1,8 +1,9 @@
 """Run by test_distributed.py under torchrun: a prance training command, then each rank saves its weights.
 
 ``python ddp_worker.py RANKS_DIR COMMAND ARGS...``: the command runs exactly as ``prance`` runs
-it; only the training loop is wrapped so that every rank, after training, writes the weights it
-holds to ``RANKS_DIR/rank{r}.pt`` (outside the run folder, which only rank 0 may write).
+it; only the training loop (and, for the selector, each PPO update and dual step) is wrapped so
+that every rank writes the weights it holds to ``RANKS_DIR/rank{r}.pt`` (outside the run folder,
+which only rank 0 may write).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from prance.cli import main
+from prance.selector.budget import DualAscent
 from prance.training import dense, meta, run
+from prance.training import selector as selector_training
 
 
 def _keep_rank_weights(ranks_dir: Path):
@@ -27,7 +30,30 @@ def _keep_rank_weights(ranks_dir: Path):
     return loop
 
 
+def _keep_rank_selector(ranks_dir: Path):
+    """After every PPO update (and dual step), each rank writes its selector weights and λ."""
+    update, dual_update = selector_training.ppo_update, DualAscent.update
+    held: dict[str, torch.Tensor] = {}
+
+    def save() -> None:
+        torch.save(held, ranks_dir / f"rank{os.environ['RANK']}.pt")
+
+    def ppo(agent, *args, **kwargs):
+        stats = update(agent, *args, **kwargs)
+        held.update({f"agent.{k}": v.detach().cpu().clone() for k, v in agent.state_dict().items()})
+        save()
+        return stats
+
+    def dual(self, *args, **kwargs):
+        dual_update(self, *args, **kwargs)
+        held["lam"] = self.lam.clone()
+        save()
+
+    selector_training.ppo_update, DualAscent.update = ppo, dual
+
+
 if __name__ == "__main__":
     ranks = Path(sys.argv[1])
     dense.train_loop = meta.train_loop = _keep_rank_weights(ranks)
+    _keep_rank_selector(ranks)
     sys.exit(main(sys.argv[2:]))

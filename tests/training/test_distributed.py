@@ -74,3 +74,27 @@ def test_meta_training_on_two_processes_learns(tmp_path: Path, fmnist_dir: str):
     assert last < first - 0.05, (first, last)
     dense = load_checkpoint(tmp_path / "dense.pt")["model"]
     assert not torch.equal(weights["blocks.1.mlp.fc1.weight"], dense["blocks.1.mlp.fc1.weight"])
+
+
+def test_selector_training_on_two_processes_keeps_ranks_in_step(tmp_path: Path, fmnist_dir: str):
+    """Each rank rolls out its own images; averaged gradients and costs keep one selector and one λ."""
+    from tests.training.test_selector_training import _meta
+
+    out = tmp_path / "selector"
+    ranks = _torchrun(tmp_path, ["train-selector", "--meta", str(_meta(tmp_path)), "--data-dir", fmnist_dir,
+                                 "--limit", "128", "--holdout-limit", "64", "--batch-size", "16", "--updates", "4",
+                                 "--hidden", "16", "--budget", "0.6", "--checkpoint-every", "2", "--out", str(out)])
+    r0, r1 = torch.load(ranks / "rank0.pt"), torch.load(ranks / "rank1.pt")
+    assert r0.keys() == r1.keys() and "lam" in r0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    last = load_checkpoint(out / "last.pt")
+    saved = last["selector"]["state"]
+    for k, v in r0.items():
+        if k != "lam":
+            assert torch.equal(v, saved[k]), k
+    assert torch.equal(r0["lam"], last["train_state"]["dual"]["lam"])
+    assert not torch.equal(r0["lam"], torch.full_like(r0["lam"], 0.5))  # λ moved from its start
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "start" for r in log) == 1 and log[0]["world_size"] == 2
+    assert (out / "adaptive.pt").is_file()
