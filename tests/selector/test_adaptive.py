@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prance.accounting import macs_per_sample
@@ -73,3 +74,13 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
     assert float(loaded.selector.knob) == 0.1
     raw = torch.load(path, weights_only=True)  # loads without running pickled code
     assert raw["kind"] == "adaptive" and raw["format"] == "prance-checkpoint"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adaptive_model_on_cuda_decides_and_predicts_as_on_the_cpu():
+    net, x = _adaptive()
+    want = net(x[:16])
+    on_cpu = net.last
+    got = net.cuda()(x[:16].cuda())
+    assert got.device.type == "cuda" and torch.allclose(got.cpu(), want, atol=1e-4)
+    assert all(_same_decisions(net.last, i, on_cpu, i) for i in range(16))
