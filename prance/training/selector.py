@@ -205,45 +205,12 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
         act_gen = torch.Generator(device=ctx.device).manual_seed(mix_seed(cfg.seed, update, ctx.rank))
         order_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, update, ctx.rank, 1))
         images, labels = next(batches)
-        images, labels = images.to(ctx.device), labels.to(ctx.device)
-
-        # --- rollout: the selector samples every stage; Result-to-Go outcomes for each step
-        dense_correct = engine(images).argmax(-1) == labels
-        sampled: list[Sampled] = []
-        rollout = engine.rollout(images, lambda s: _record(sampled, selector.sample(s, act_gen)), budget=budget)
-        lam = dual.lam_of(budget).to(ctx.device, torch.float32)
-        parts = [step_reward(step.outcome.logits, labels, dense_correct, step.outcome.macs + selector_macs,
-                             dense_macs, stage_kept(model.config, step.outcome.plan, step.stage))
-                 for step in rollout.steps]
-        rewards = torch.stack([p.total(lam, cfg.keep_penalty) for p in parts])
-        buffer = Rollout(*(torch.stack([getattr(s, k) for s in sampled]) for k in
-                           ("features", "action", "log_prob", "value")), rewards=rewards)
-
-        # --- PPO on this rollout (buffer dropped afterwards), then one dual step on λ
-        stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=update / cfg.updates, generator=order_gen,
-                           after_backward=(lambda: _average_grads(selector, ctx)) if ctx.distributed else None)
-        final_ratio = (rollout.final.macs.double() + selector_macs) / dense_macs
-        dual.update(budget, _global_mean(final_ratio.to(ctx.device), ctx).cpu().expand(len(budget)))
+        record = selector_update(engine, selector, optimizer, dual, images.to(ctx.device), labels.to(ctx.device),
+                                 budget, ppo=ppo, keep_penalty=cfg.keep_penalty, progress=update / cfg.updates,
+                                 act_gen=act_gen, order_gen=order_gen, ctx=ctx)
         update += 1
-
-        # --- log (CleanRL's grouped names)
         if ctx.is_main:
-            final_plan = rollout.final.plan
-            record = {
-                "charts/return": float(rewards.sum(0).mean()),
-                "charts/accuracy_term": float(parts[-1].accuracy.mean()),
-                "charts/top1": 100.0 * float((rollout.final.logits.argmax(-1) == labels).float().mean()),
-                "charts/dense_top1": 100.0 * float(dense_correct.float().mean()),
-                "charts/macs_ratio": float(final_ratio.mean()),
-                "charts/budget": cfg.budget,
-                "charts/lambda": float(dual.lam[0]),
-                **{f"charts/keep_stage{s}": float((final_plan.keep[:, s] * final_plan.merge_keep[:, s]).mean())
-                   for s in range(1, model.config.num_stages)},
-                **{f"charts/tokens_stage{s}": float(v) for s, v in
-                   enumerate(token_fractions(model.config, final_plan).mean(0).tolist())},
-                **stats,
-                "charts/seconds": time.perf_counter() - start,
-            }
+            record["charts/seconds"] = time.perf_counter() - start
             folder.log.write(event="update", update=update, **record)
             if update % 10 == 0 or update == cfg.updates:
                 say(f"update {update}/{cfg.updates}  return {record['charts/return']:.3f}  top-1 "
@@ -274,6 +241,53 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
 
 
 # ----------------------------------------------------------------------------- pieces
+def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torch.optim.Optimizer, dual: DualAscent,
+                    images: torch.Tensor, labels: torch.Tensor, budget: torch.Tensor, *, ppo: PPOConfig,
+                    keep_penalty: float, progress: float, act_gen: torch.Generator, order_gen: torch.Generator,
+                    ctx: DistContext) -> dict[str, float]:
+    """One PPO update of ``selector`` on a batch of training images; returns the logged numbers.
+
+    The selector samples every stage in a Result-to-Go rollout on the engine's (current)
+    meta-network, each step is rewarded at λ of its image's ``budget`` ``[B]``, PPO runs on
+    the ``[3, B]`` buffer (dropped afterwards), then λ takes one dual step with the decided
+    runs' mean MACs. Train-selector and joint fine-tuning (``--alternate``) both call it.
+    """
+    model = engine.model
+    dense_macs = float(macs_per_sample(model.config, model.full_plan)[0])
+    selector_macs = selector.macs_per_image()
+    dense_correct = engine(images).argmax(-1) == labels
+    sampled: list[Sampled] = []
+    rollout = engine.rollout(images, lambda s: _record(sampled, selector.sample(s, act_gen)), budget=budget)
+    lam = dual.lam_of(budget).to(images.device, torch.float32)
+    parts = [step_reward(step.outcome.logits, labels, dense_correct, step.outcome.macs + selector_macs,
+                         dense_macs, stage_kept(model.config, step.outcome.plan, step.stage))
+             for step in rollout.steps]
+    rewards = torch.stack([p.total(lam, keep_penalty) for p in parts])
+    buffer = Rollout(*(torch.stack([getattr(s, k) for s in sampled]) for k in
+                       ("features", "action", "log_prob", "value")), rewards=rewards)
+    stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=progress, generator=order_gen,
+                       after_backward=(lambda: _average_grads(selector, ctx)) if ctx.distributed else None)
+    final_ratio = (rollout.final.macs.double() + selector_macs) / dense_macs
+    dual.update(budget, _global_mean(final_ratio.to(images.device), ctx).cpu().expand(len(budget)))
+
+    # --- what is logged (CleanRL's grouped names)
+    final_plan = rollout.final.plan
+    return {
+        "charts/return": float(rewards.sum(0).mean()),
+        "charts/accuracy_term": float(parts[-1].accuracy.mean()),
+        "charts/top1": 100.0 * float((rollout.final.logits.argmax(-1) == labels).float().mean()),
+        "charts/dense_top1": 100.0 * float(dense_correct.float().mean()),
+        "charts/macs_ratio": float(final_ratio.mean()),
+        "charts/budget": float(budget.mean()),
+        "charts/lambda": float(dual.lam_of(budget).mean()),
+        **{f"charts/keep_stage{s}": float((final_plan.keep[:, s] * final_plan.merge_keep[:, s]).mean())
+           for s in range(1, model.config.num_stages)},
+        **{f"charts/tokens_stage{s}": float(v) for s, v in
+           enumerate(token_fractions(model.config, final_plan).mean(0).tolist())},
+        **stats,
+    }
+
+
 def stage_kept(config: Any, plan: Any, stage: int) -> torch.Tensor:
     """``[B]`` fraction of the patch tokens entering ``stage`` that it keeps (what its own decision chose)."""
     fractions = token_fractions(config, plan)
@@ -394,4 +408,4 @@ def plot_curves(log_path: Path, out: Path) -> Path:
 
 
 __all__ = ["ADAPTIVE", "CURVES", "KIND", "SelectorTrainConfig", "calibrate_on", "deployed_ratio", "plot_curves",
-           "train_selector"]
+           "selector_update", "train_selector"]
