@@ -1,0 +1,80 @@
+"""``prance train-selector``: the per-image selector, Result-to-Go PPO on a frozen meta-network."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from prance.cli.common import add_device_argument, check_positive, set_threads
+from prance.errors import PranceError
+from prance.files import check_writable_dir
+
+
+def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """``train-selector``: PPO with the Result-to-Go reward on a frozen meta-network, under a MACs budget."""
+    from prance.selector.features import ENCODERS
+
+    p = sub.add_parser("train-selector", parents=[debug], help="train the per-image selector (Result-to-Go PPO)",
+                       description="Train the selector of a frozen meta-network with PPO and the Result-to-Go "
+                       "reward, its MACs penalty adapted by dual ascent until the mean meets the budget; then "
+                       "calibrate it on the holdout and write adaptive.pt (an AdaptiveViT), last.pt, log.jsonl and "
+                       "curves.png into --out. Under `torchrun --nproc_per_node N` each process rolls out its own "
+                       "images.")
+    p.add_argument("--meta", required=True, help="the meta-network checkpoint (e.g. runs/meta/best.pt)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=float, default=None,
+                        help="mean MACs as a fraction of the dense model's, selector included (default 0.5)")
+    budget.add_argument("--gmacs", type=float, default=None, help="mean GMACs per image instead of --budget")
+    p.add_argument("--encoder", choices=ENCODERS, default="keys",
+                   help="state: 'keys' (the paper's per-token key means, default) or 'cls' (cls features)")
+    p.add_argument("--updates", type=int, default=300, help="PPO updates, one rollout each (default 300)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per rollout and process (default 128)")
+    p.add_argument("--hidden", type=int, default=128, help="selector MLP width (default 128)")
+    p.add_argument("--mlp-per-stage", action="store_true", help="one MLP ratio per stage instead of per block")
+    p.add_argument("--keep-penalty", type=float, default=0.01, help="penalty on kept tokens (default 0.01)")
+    p.add_argument("--lr", type=float, default=3e-4, help="PPO Adam learning rate (default 3e-4)")
+    p.add_argument("--limit", type=int, default=None, help="roll out on a random subset of this many training images")
+    p.add_argument("--holdout-limit", type=int, default=None, help="calibrate on at most this many held-out images")
+    p.add_argument("--data-dir", default=None, help="where the meta-network's data set lives (default: its own)")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="write last.pt every N updates (default 25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="run folder (created if missing)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    add_device_argument(p)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> None:
+    from prance.accounting import count_macs
+    from prance.data.provenance import trained_on
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from prance.training.selector import SelectorTrainConfig, train_selector
+
+    for flag in ("updates", "batch_size", "hidden", "lr", "limit", "holdout_limit", "checkpoint_every", "gmacs"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    ckpt = load_checkpoint(args.meta, kind=("meta", "joint"))
+    budget = 0.5 if args.budget is None else args.budget
+    if args.gmacs is not None:
+        dense = count_macs(model_from_checkpoint(ckpt)) / 1e9
+        budget = args.gmacs / dense
+        if not 0 < budget <= 1:
+            raise PranceError(f"--gmacs {args.gmacs} is above the dense model's {dense:.4f} GMACs; give at most that")
+    trained = trained_on(ckpt)
+    set_threads(args.threads)
+    out = check_writable_dir(args.out)
+    cfg = SelectorTrainConfig(budget=budget, updates=args.updates, batch_size=args.batch_size, encoder=args.encoder,
+                              hidden=args.hidden, mlp_per_stage=args.mlp_per_stage, keep_penalty=args.keep_penalty,
+                              ppo={"lr": args.lr}, seed=args.seed, limit=args.limit, holdout_limit=args.holdout_limit,
+                              checkpoint_every=args.checkpoint_every, data=trained.data or "fashion-mnist",
+                              data_dir=args.data_dir or trained.data_dir)
+    summary = train_selector(args.meta, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0 and "adaptive" in summary:
+        print(f"selector in {summary['out']}: {summary['update']} updates; on the holdout top-1 "
+              f"{summary['holdout_top1']:.2f}% at {summary['holdout_macs_ratio']:.4f} of the dense MACs (budget "
+              f"{budget:.4g}); adaptive model {summary['adaptive']}")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"selector in {summary['out']}: paused at update {summary['update']}/{summary['updates']}; continue "
+              "with --resume")
