@@ -6,6 +6,12 @@ counts from the selector, executed physically by the engine (DESIGN.md §5). Aft
 logits never depend on the other images of its batch: the selector sees only that image's
 state, and the engine runs every image exactly as it would run alone.
 
+The budget is an input. A selector trained for a budget range (``train-selector
+--budget-range``) moves its operating point without retraining: :meth:`AdaptiveViT.set_budget`
+sets the default, and ``AdaptiveViT(images, budget=b)`` gives each image its own (``[B]``);
+the calibration record's knob curve lands the holdout mean on any budget of the range. A
+selector trained for one budget serves that budget only and refuses any other.
+
 It is saved and loaded as one versioned checkpoint file (kind ``"adaptive"``) holding the
 meta-network, the selector with its calibration, the budget and the data split it was
 calibrated on.
@@ -23,9 +29,11 @@ import torch.nn as nn
 
 from prance.accounting import macs_per_sample, params_per_sample, token_fractions
 from prance.engine import DynamicExecutor
+from prance.engine.stepwise import budget_slot
 from prance.errors import PranceError
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
+from prance.selector.budget import KnobCurve, check_budget
 from prance.selector.selector import Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 
@@ -43,6 +51,7 @@ class ImageStats:
     dense_macs: int  # MACs of the full-size network (no selector)
     params: torch.Tensor  # [B] parameters activated
     tokens: torch.Tensor  # [B, S] fraction of the patch tokens alive at the end of each stage
+    budget: torch.Tensor | None = None  # [B] float64 budget each image was decided under
 
     @property
     def macs_ratio(self) -> torch.Tensor:
@@ -54,7 +63,7 @@ class ImageStats:
         for i in range(len(self.macs)):
             out.append({"macs": int(self.macs[i]), "macs_ratio": float(self.macs_ratio[i]),
                         "params": int(self.params[i]), "tokens": [round(float(t), 4) for t in self.tokens[i]],
-                        **self.plan.to_dict(i)})
+                        **({} if self.budget is None else {"budget": float(self.budget[i])}), **self.plan.to_dict(i)})
         return out
 
 
@@ -68,19 +77,50 @@ class AdaptiveViT(nn.Module):
             raise PranceError("the selector was built for another model shape or search space; train a selector "
                               "for this meta-network")
         self.model, self.selector = model.eval(), selector.eval()
-        self.budget = budget
         self.calibration = dict(calibration or {})
+        if "knob_curve" in self.calibration:
+            selector.knob_curve = KnobCurve.from_dict(self.calibration["knob_curve"])
         self.split = dict(split or {})
         self.engine = DynamicExecutor(model)
         self.last: ImageStats | None = None
+        self.budget = selector.cfg.budget
+        self.set_budget(self.budget if budget is None else budget)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, classes]``; per-image decisions and costs go to :attr:`last`."""
-        logits, plan = self.engine.run(images, policy=self.selector, budget=self.budget)
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        """The budgets this model serves: its trained range, or ``(b, b)`` for a selector of one budget ``b``."""
+        return self.selector.cfg.budget_range or (self.selector.cfg.budget, self.selector.cfg.budget)
+
+    def check_budget(self, budget: torch.Tensor | float) -> torch.Tensor:
+        """``budget`` as ``[N]`` float64 on the CPU, refused in one line if any lies outside :attr:`budget_range`."""
+        values = torch.as_tensor(budget, dtype=torch.float64).detach().cpu().reshape(-1)
+        for b in values.unique().tolist():
+            check_budget(b)
+        low, high = self.budget_range
+        slack = 1e-6 * high  # float32 budgets round in the 8th digit
+        outside = values[(values < low - slack) | (values > high + slack)]
+        if len(outside):
+            served = (f"budgets {low:g} to {high:g}" if high > low else f"one budget, {low:g} (train with "
+                      "`prance train-selector --budget-range` for a selector of many)")
+            raise PranceError(f"budget {float(outside[0]):g} is outside what this adaptive model was trained and "
+                              f"calibrated for: {served}")
+        return values
+
+    def set_budget(self, budget: float) -> "AdaptiveViT":
+        """Move the default operating point to ``budget`` (no retraining; inside :attr:`budget_range`)."""
+        self.budget = float(self.check_budget(float(budget))[0])
+        return self
+
+    def forward(self, images: torch.Tensor, budget: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Logits ``[B, classes]`` at ``budget`` (one for all, or ``[B]``; default :attr:`budget`).
+
+        Per-image decisions and costs go to :attr:`last`."""
+        budget = budget_slot(self.budget if budget is None else self.check_budget(budget), len(images))
+        logits, plan = self.engine.run(images, policy=self.selector, budget=budget)
         cfg = self.model.config
         self.last = ImageStats(plan=plan, macs=macs_per_sample(cfg, plan) + self.selector.macs_per_image(),
                                dense_macs=int(macs_per_sample(cfg, self.model.full_plan)[0]),
-                               params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan))
+                               params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan), budget=budget)
         return logits
 
     # ------------------------------------------------------------------ files

@@ -9,6 +9,9 @@ needs to remember.
 ``knob`` is the deployed selector's one calibration setting: it shifts every raw action
 part (in ``[0, 1]``) by the same amount before decoding, so a larger knob never means less
 compute. Budget calibration on the holdout sets it (:func:`prance.selector.budget.calibrate`).
+A selector trained for a budget range instead reads each image's knob off a
+:class:`~prance.selector.budget.KnobCurve` at that image's budget (:attr:`Selector.knob_curve`),
+so the shift, like every other decision, depends only on the image and its own budget.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from prance.errors import PranceError
 from prance.plan import Plan
 from prance.policy import StageState
 from prance.selector.agent import ActorCritic
+from prance.selector.budget import KnobCurve, check_budget, check_budget_range
 from prance.selector.features import FeatureNorm, check_encoder, num_features, raw_features
 
 
@@ -37,11 +41,18 @@ class SelectorConfig:
     layers: int = 2  # hidden layers of each
     mlp_per_stage: bool = False  # one MLP ratio per stage instead of one per block
     budget: float = 0.5  # budget shown to the policy where an image's budget slot is empty
+    budget_range: tuple[float, float] | None = None  # budgets it was trained for (None: `budget` only)
 
     def __post_init__(self) -> None:
         check_encoder(self.encoder)
         if self.hidden < 1 or self.layers < 1:
             raise PranceError(f"selector hidden={self.hidden} and layers={self.layers} must be at least 1")
+        self.budget = check_budget(self.budget)
+        if self.budget_range is not None:
+            self.budget_range = check_budget_range(self.budget_range)
+            if not self.budget_range[0] <= self.budget <= self.budget_range[1]:
+                raise PranceError(f"selector budget {self.budget} lies outside its budget range "
+                                  f"{self.budget_range[0]},{self.budget_range[1]}; give one inside it")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +82,7 @@ class Selector(nn.Module):
         choices = [len(d.choices) if d.categorical else 0 for d in self.actions.dims]
         self.agent = ActorCritic(size, choices, self.cfg.hidden, self.cfg.layers)
         self.register_buffer("knob", torch.zeros((), dtype=torch.float64))
+        self.knob_curve: KnobCurve | None = None  # set by range calibration; stored in the calibration record
 
     # ------------------------------------------------------------------ features
     def features(self, state: StageState) -> torch.Tensor:
@@ -80,28 +92,43 @@ class Selector(nn.Module):
         return self.norm(raw)
 
     def fit_features(self, states: list[StageState]) -> None:
-        """Fit the feature standardisation to some training states (once, before training)."""
+        """Fit the feature standardisation to some training states (once, before training).
+
+        The budget (the last feature) is standardised by the budget distribution itself, not
+        by one batch's sample of it: a fixed budget maps to 0, a range drawn uniformly to zero
+        mean and unit variance (its centre and ``(high − low) / √12``).
+        """
         dev = self.knob.device
         self.norm.fit(torch.cat([raw_features(s, self.cfg.encoder, self.config, self.cfg.budget).to(dev)
                                  for s in states]))
+        low, high = self.cfg.budget_range or (self.cfg.budget, self.cfg.budget)
+        self.norm.mean[-1] = 0.5 * (low + high)
+        self.norm.std[-1] = (high - low) / 12**0.5 if high > low else 1.0
 
     # ------------------------------------------------------------------ deciding
-    def decode(self, action: torch.Tensor, stage: int) -> Plan:
-        """The plan whose stage entries are the agent's ``action`` ``[B, A]``, shifted by the knob."""
-        unit = (self.agent.to_unit(action).double() + self.knob).clamp(0.0, 1.0)
-        return self.actions.decode(unit.cpu(), stage)
+    def knob_for(self, budget: torch.Tensor) -> torch.Tensor:
+        """``[B, 1]`` float64 knob of each image: the knob curve at its budget if calibrated so, else the knob."""
+        if self.knob_curve is None:
+            return self.knob.detach().cpu().expand(len(budget), 1)
+        budget = torch.where(torch.isnan(budget), torch.full_like(budget, self.cfg.budget), budget)
+        return self.knob_curve(budget)[:, None]
+
+    def decode(self, action: torch.Tensor, state: StageState) -> Plan:
+        """The plan whose stage entries are the agent's ``action`` ``[B, A]``, shifted by each image's knob."""
+        unit = (self.agent.to_unit(action).double().cpu() + self.knob_for(state.budget)).clamp(0.0, 1.0)
+        return self.actions.decode(unit, state.stage)
 
     def forward(self, state: StageState) -> Plan:
         """Deterministic decisions (each action part's mode): the selector at inference."""
         with torch.inference_mode(False), torch.no_grad():
-            return self.decode(self.agent.act_deterministic(self.features(state)), state.stage)
+            return self.decode(self.agent.act_deterministic(self.features(state)), state)
 
     def sample(self, state: StageState, generator: torch.Generator | None = None) -> Sampled:
         """Stochastic decisions for training, with their features, log-probabilities and values."""
         with torch.inference_mode(False), torch.no_grad():
             feats = self.features(state)
             action, log_prob, _, value = self.agent.get_action_and_value(feats, generator=generator)
-            return Sampled(self.decode(action, state.stage), feats, action, log_prob, value)
+            return Sampled(self.decode(action, state), feats, action, log_prob, value)
 
     # ------------------------------------------------------------------ cost
     def macs_per_decision(self) -> int:

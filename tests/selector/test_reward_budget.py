@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prance.errors import PranceError
-from prance.selector.budget import DualAscent, calibrate, check_budget
+from prance.selector.budget import DualAscent, KnobCurve, budget_knots, calibrate, calibrate_range, check_budget
 from prance.selector.reward import relative_accuracy, step_reward
 
 
@@ -39,15 +39,54 @@ def test_dual_ascent_drives_a_cost_responsive_policy_onto_its_budget():
 
 def test_dual_ascent_keeps_one_multiplier_per_budget_and_never_goes_negative():
     controller = DualAscent([0.3, 0.7], lr=1.0, init=0.1)
-    budget = torch.tensor([0.31, 0.69, 0.3, 0.72])
-    controller.update(budget, torch.tensor([0.5, 0.2, 0.5, 0.2]))  # bin 0 over budget, bin 1 under
-    assert controller.lam[0] > 0.1 and controller.lam[1] == 0.0
-    assert controller.lam_of(budget).tolist() == [controller.lam[0].item(), 0.0, controller.lam[0].item(), 0.0]
+    budget = torch.tensor([0.3, 0.7, 0.3, 0.7])
+    controller.update(budget, torch.tensor([0.5, 0.2, 0.5, 0.2]))  # knot 0 over budget, knot 1 under
+    assert controller.lam[0] == pytest.approx(0.1 + 0.2) and controller.lam[1] == 0.0
+    # Between knots λ is the straight line between theirs; beyond the ends, the end's.
+    lam0 = controller.lam[0].item()
+    assert controller.lam_of(torch.tensor([0.3, 0.4, 0.6, 0.7, 0.1, 0.9], dtype=torch.float64)).tolist() == pytest.approx(
+        [lam0, 0.75 * lam0, 0.25 * lam0, 0.0, lam0, 0.0])
     fresh = DualAscent([0.3, 0.7])
     fresh.load_state_dict(controller.state_dict())
     assert torch.equal(fresh.lam, controller.lam)
     with pytest.raises(PranceError, match="same budget"):
         DualAscent([0.5]).load_state_dict(controller.state_dict())
+
+
+def test_a_fixed_budget_runs_saved_dual_state_still_resumes():
+    old = {"budgets": torch.tensor([0.5], dtype=torch.float64), "lam": torch.tensor([0.8], dtype=torch.float64),
+           "cost": torch.tensor([0.6], dtype=torch.float64)}  # what runs of one budget saved before ranges
+    controller = DualAscent([0.5], lr=0.5)
+    controller.load_state_dict(old)
+    controller.update(torch.full((4,), 0.5), torch.full((4,), 0.6))
+    assert float(controller.lam[0]) == pytest.approx(0.8 + 0.5 * (0.6 - 0.5))
+
+
+def test_per_bin_multipliers_each_find_their_budgets_price():
+    """Budgets drawn uniformly from [0.3, 0.8]; a stand-in policy spends 0.95 − 0.3 λ at the λ it is shown.
+
+    Meeting every budget b needs λ*(b) = (0.95 − b) / 0.3, a straight line, so each knot's λ must
+    converge to λ* at that knot — falling from the cheapest budget to the dearest one."""
+    knots = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    gen = torch.Generator().manual_seed(0)
+    controller = DualAscent(knots, lr=0.3, init=0.5)
+    for _ in range(400):
+        budget = 0.3 + 0.5 * torch.rand(512, generator=gen, dtype=torch.float64)
+        cost = 0.95 - 0.3 * controller.lam_of(budget) + 0.02 * torch.randn(512, generator=gen, dtype=torch.float64)
+        controller.update(budget, cost)
+    want = torch.tensor([(0.95 - b) / 0.3 for b in knots], dtype=torch.float64)
+    assert torch.allclose(controller.lam, want, atol=0.05), controller.lam
+    # Each knot's (smoothed, weighted) cost sits on its (weighted) budget.
+    assert torch.allclose(controller.cost, controller.target, atol=0.01)
+
+
+def test_one_dual_step_raises_overspending_bins_and_lowers_underspending_ones():
+    controller = DualAscent([0.3, 0.55, 0.8], lr=0.5, init=1.0)
+    budget = torch.tensor([0.3, 0.3, 0.55, 0.8, 0.8])
+    controller.update(budget, torch.tensor([0.5, 0.4, 0.55, 0.6, 0.7]))  # cheap bin over, middle on, dear bin under
+    assert controller.lam[0] > 1.0 and controller.lam[1] == pytest.approx(1.0) and controller.lam[2] < 1.0
+    assert controller.lam[0] == pytest.approx(1.0 + 0.5 * (0.45 - 0.3))
+    assert controller.lam[2] == pytest.approx(1.0 + 0.5 * (0.65 - 0.8))
 
 
 def test_calibration_finds_the_knob_that_lands_on_the_budget():
@@ -73,3 +112,31 @@ def test_calibration_survives_a_cost_that_is_not_monotone_in_the_knob():
 
     got = calibrate(ratio, 0.5, tolerance=0.002)
     assert abs(got.macs_ratio - 0.5) <= 0.002 and ratio(got.knob) == got.macs_ratio
+
+
+def test_knob_curve_is_piecewise_linear_between_calibrated_budgets_and_flat_beyond():
+    curve = KnobCurve((0.3, 0.5, 0.8), (0.2, -0.1, 0.05))
+    got = curve(torch.tensor([0.3, 0.4, 0.5, 0.65, 0.8, 0.1, 0.95], dtype=torch.float64))
+    want = [0.2, 0.05, -0.1, -0.025, 0.05, 0.2, 0.05]  # by hand: halfway 0.2 -> -0.1, halfway -0.1 -> 0.05
+    assert got.tolist() == pytest.approx(want)
+    assert KnobCurve.from_dict(curve.to_dict()) == curve
+    assert KnobCurve((0.5,), (0.3,))(torch.tensor([0.2, 0.9])).tolist() == [0.3, 0.3]
+    with pytest.raises(PranceError, match="increasing"):
+        KnobCurve((0.5, 0.4), (0.0, 0.0))
+
+
+def test_range_calibration_meets_every_budget_of_a_budget_aware_cost():
+    """A selector that already spends more at larger budgets, plus the knob's shift, with steps."""
+    def ratio(budget: float, knob: float) -> float:
+        return 0.2 + 0.6 * budget + 0.25 * knob + 0.02 * round(knob * 8) / 8
+
+    budgets = budget_knots((0.3, 0.8), 6)
+    assert budgets == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    curve, cals = calibrate_range(ratio, budgets, relative_tolerance=0.004)
+    assert curve.budgets == tuple(budgets)
+    for b, cal in zip(budgets, cals):
+        assert abs(ratio(b, cal.knob) - b) <= 0.004 * b and cal.knob == curve(torch.tensor([b], dtype=torch.float64)).item()
+    with pytest.raises(PranceError, match="low < high"):
+        budget_knots((0.8, 0.3), 6)
+    with pytest.raises(PranceError, match="2 budget bins"):
+        budget_knots((0.3, 0.8), 1)

@@ -68,3 +68,24 @@ def test_selector_macs_match_the_flop_counter():
         selector.agent.actor(feats)
     assert counter.get_total_flops() == 2 * selector.macs_per_decision()
     assert selector.macs_per_image() == selector.macs_per_decision() * (model.config.num_stages - 1)
+
+
+def test_the_budget_is_the_last_feature_standardised_by_its_range():
+    """Uniform budgets in [0.3, 0.8] map to zero mean and unit variance: the ends to ∓√3, whatever batch was fitted."""
+    from prance.model import MetaViT
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = MetaViT(cfg, tiny_space(cfg)).eval()
+    x = torch.randn(12, cfg.in_chans, cfg.img_size, cfg.img_size)
+    engine = DynamicExecutor(model)
+    for cfg_kw, budgets, want in ((dict(budget=0.55, budget_range=(0.3, 0.8)), [0.3, 0.55, 0.8], [-3**0.5, 0, 3**0.5]),
+                                  (dict(budget=0.5), [0.5], [0.0])):
+        selector = Selector(cfg, model.space, SelectorConfig(hidden=16, **cfg_kw)).eval()
+        states = []
+        engine.run(x, policy=lambda s: (states.append(s), selector(s))[1], budget=torch.linspace(0.3, 0.8, 12))
+        selector.fit_features(states)
+        for b, w in zip(budgets, want):
+            seen = []
+            engine.run(x[:2], policy=lambda s: (seen.append(selector.features(s)), selector(s))[1], budget=b)
+            assert torch.allclose(seen[0][:, -1], torch.full((2,), float(w)), atol=1e-5), (cfg_kw, b)
