@@ -11,8 +11,11 @@ Before stage ``s >= 1`` a selector emits, per image, a raw action in ``[0, 1]^A`
 
 Discrete choices come from equal-width bins of ``[0, 1]`` (what a categorical head's index
 ``i`` of ``n`` encodes as ``(i + 0.5) / n``); keep ratios map linearly onto ``[min_keep, 1]``
-and snap to ``keep_grid`` when it is set. Every decoded action is a valid plan entry, and
-decoding an encoded valid entry gives it back (keep ratios to float rounding).
+and snap to the search space's ``keep_grid`` when it is set. A selector may keep its ratios on
+a coarser grid of its own (``keep_grid``, a multiple of the space's): fewer distinct token
+counts make larger groups in the engine (DESIGN.md §5); its ratios are then raised to that
+grid, never lowered. Every decoded action is a valid plan entry, and decoding an encoded valid
+entry gives it back (keep ratios to float rounding).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
-from prance.plan import Plan, snap_keep
+from prance.plan import Plan, on_grid, snap_keep, snap_keep_up
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,10 @@ class ActionDim:
 class ActionSpace:
     """The raw actions of one stage's decision for a meta-network's search space (see module doc)."""
 
-    def __init__(self, config: ViTConfig, space: SearchSpace, mlp_per_stage: bool = False) -> None:
+    def __init__(self, config: ViTConfig, space: SearchSpace, mlp_per_stage: bool = False,
+                 keep_grid: float = 0.0) -> None:
         self.config, self.space, self.mlp_per_stage = config, space, mlp_per_stage
+        self.keep_grid = check_selector_grid(keep_grid, space)
         k = config.stage_depth
         dims = [ActionDim("width", tuple(float(w) for w in space.widths))]
         ratios = tuple(space.mlp_ratios)
@@ -121,7 +126,9 @@ class ActionSpace:
             n = len(d.choices)
             return torch.tensor(d.choices, dtype=torch.float64)[(u * n).floor().clamp(0, n - 1).long()]
         keep = (d.low + u * (1 - d.low)).clamp(d.low, 1.0)
-        if self.space.keep_grid > 0:
+        if self.keep_grid > 0:
+            keep = snap_keep_up(keep, self.keep_grid)
+        elif self.space.keep_grid > 0:
             keep = snap_keep(keep, self.space.keep_grid, d.low)
         return torch.where(u >= 1, 1.0, keep)  # exactly 1 is always valid, on a grid or not
 
@@ -138,4 +145,18 @@ class ActionSpace:
             raise PranceError(f"decisions are taken before stages 1..{self.config.num_stages - 1}, not {stage}")
 
 
-__all__ = ["ActionDim", "ActionSpace"]
+def check_selector_grid(grid: float, space: SearchSpace) -> float:
+    """A selector's own keep grid: 0 (the search space's), or a step in (0, 1] that is a multiple
+    of the space's ``keep_grid`` (else its ratios would leave the grid the meta-network knows)."""
+    grid = float(grid)
+    if grid == 0:
+        return 0.0
+    if not 0 < grid <= 1:
+        raise PranceError(f"selector keep grid {grid:g} must be in (0, 1], e.g. 0.125 (0: the search space's)")
+    if space.keep_grid > 0 and not on_grid(grid, space.keep_grid):
+        raise PranceError(f"selector keep grid {grid:g} is not a multiple of the meta-network's keep_grid "
+                          f"{space.keep_grid:g}; give a coarser multiple of it, e.g. {2 * space.keep_grid:g}")
+    return grid
+
+
+__all__ = ["ActionDim", "ActionSpace", "check_selector_grid"]

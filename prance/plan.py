@@ -265,6 +265,12 @@ def snap_keep(ratio: torch.Tensor, grid: float, min_keep: float = 0.0) -> torch.
     return (torch.round(ratio / grid) * grid).clamp(min(lowest, 1.0), 1.0)
 
 
+def snap_keep_up(ratio: torch.Tensor, grid: float) -> torch.Tensor:
+    """Keep ratios raised to the next multiple of ``grid`` (never lowered, so never below the
+    ``min_keep`` they already respect), at most 1."""
+    return (torch.ceil(ratio / grid - 1e-9) * grid).clamp(max=1.0)
+
+
 def on_grid(value: float, grid: float) -> bool:
     """Whether keep ratio ``value`` is a multiple of ``grid`` (within 1e-9) or exactly 1."""
     return value == 1 or abs(value - round(value / grid) * grid) <= 1e-9

@@ -99,3 +99,31 @@ def test_plans_obey_min_keep_and_keep_grid():
     with pytest.raises(PranceError, match="keep_grid"):
         Plan.uniform(CFG, [32] * 3, 4.0, merge_keep=[0.25, 1.0]).validate(CFG, space)
     Plan.uniform(CFG, [32] * 3, 4.0, keep=[0.25, 1.0]).validate(CFG, _space("prune", False, 0.0))
+
+
+@pytest.mark.parametrize("space_grid", [0.0, 0.025])
+def test_a_selectors_coarser_keep_grid_raises_its_ratios_onto_that_grid(space_grid):
+    space = tiny_space(CFG, token_mode="prune_merge", keep_grid=space_grid, min_keep=0.3)
+    fine, coarse = ActionSpace(CFG, space), ActionSpace(CFG, space, keep_grid=0.125)
+    raw = torch.rand(500, fine.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    raw[:5, -2:] = torch.tensor([0.0, 1.0])  # both ends
+    for stage in (1, 2):
+        want, got = fine.decode(raw, stage), coarse.decode(raw, stage).validate(CFG, space)
+        for name in ("keep", "merge_keep"):
+            w, g = getattr(want, name)[:, stage], getattr(got, name)[:, stage]
+            assert set(torch.unique(torch.round(g * 8)).tolist()) <= set(range(3, 9))  # 0.375 .. 1 in steps of 1/8
+            assert bool(((g * 8 - torch.round(g * 8)).abs() <= 1e-9).all())
+            # raised, never lowered, never past the next grid step (from the space's own decoding)
+            assert bool((g >= w - space_grid / 2 - 1e-12).all() and (g < w + 0.125 + space_grid / 2).all())
+            assert float(g.min()) == pytest.approx(0.375)  # the first multiple of 1/8 at or above min_keep 0.3
+        _assert_same(coarse.decode(coarse.encode(got, stage), stage), got)
+    assert int(torch.unique(coarse.decode(raw, 1).merge_keep[:, 1]).numel()) <= 6
+
+
+def test_a_selector_grid_off_the_meta_networks_grid_is_refused():
+    space = tiny_space(CFG, token_mode="merge", keep_grid=0.1)
+    ActionSpace(CFG, space, keep_grid=0.2)
+    with pytest.raises(PranceError, match="multiple of the meta-network's keep_grid 0.1"):
+        ActionSpace(CFG, space, keep_grid=0.125)
+    with pytest.raises(PranceError, match=r"must be in \(0, 1\]"):
+        ActionSpace(CFG, space, keep_grid=1.5)
