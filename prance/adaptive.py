@@ -12,9 +12,15 @@ sets the default, and ``AdaptiveViT(images, budget=b)`` gives each image its own
 the calibration record's knob curve lands the holdout mean on any budget of the range. A
 selector trained for one budget serves that budget only and refuses any other.
 
+Optionally every stage decision is rounded *up* to one of K representative decisions learned on
+the holdout (:mod:`prance.selector.representatives`, :meth:`AdaptiveViT.fit_representatives`):
+at most K distinct decisions per stage make larger groups in the engine, and no image gets
+less compute than its selector asked for. They are learned at one budget (the model's when
+fitted); calibrate with them in place so the mean lands on the budget.
+
 It is saved and loaded as one versioned checkpoint file (kind ``"adaptive"``) holding the
-meta-network, the selector with its calibration, the budget and the data split it was
-calibrated on.
+meta-network, the selector with its calibration, the budget, the representatives if any and
+the data split it was calibrated on.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +40,7 @@ from prance.errors import PranceError
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 from prance.selector.budget import KnobCurve, check_budget
+from prance.selector.representatives import Representatives, RoundUp, fit_representatives
 from prance.selector.selector import Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 
@@ -71,7 +78,8 @@ class AdaptiveViT(nn.Module):
     """Meta-network + selector + engine (see the module docstring)."""
 
     def __init__(self, model: MetaViT, selector: Selector, budget: float | None = None,
-                 calibration: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None) -> None:
+                 calibration: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None,
+                 representatives: Representatives | None = None) -> None:
         super().__init__()
         if selector.config != model.config or selector.space != model.space:
             raise PranceError("the selector was built for another model shape or search space; train a selector "
@@ -83,6 +91,7 @@ class AdaptiveViT(nn.Module):
         self.split = dict(split or {})
         self.engine = DynamicExecutor(model)
         self.last: ImageStats | None = None
+        self.representatives = representatives
         self.budget = selector.cfg.budget
         self.set_budget(self.budget if budget is None else budget)
 
@@ -116,12 +125,32 @@ class AdaptiveViT(nn.Module):
 
         Per-image decisions and costs go to :attr:`last`."""
         budget = budget_slot(self.budget if budget is None else self.check_budget(budget), len(images))
-        logits, plan = self.engine.run(images, policy=self.selector, budget=budget)
+        logits, plan = self.engine.run(images, policy=self.policy, budget=budget)
         cfg = self.model.config
         self.last = ImageStats(plan=plan, macs=macs_per_sample(cfg, plan) + self.selector.macs_per_image(),
                                dense_macs=int(macs_per_sample(cfg, self.model.full_plan)[0]),
                                params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan), budget=budget)
         return logits
+
+    # ------------------------------------------------------------------ representative decisions
+    @property
+    def policy(self) -> Selector | RoundUp:
+        """What decides each stage: the selector, its decisions rounded up if representatives are set."""
+        if self.representatives is None:
+            return self.selector
+        return RoundUp(self.selector, self.representatives, self.model.config)
+
+    def fit_representatives(self, images: Sequence[torch.Tensor], k: int) -> Representatives:
+        """Learn and set ``k`` representative decisions per stage from the selector's decisions on
+        holdout ``images`` (batches) at the current budget and knob."""
+        with torch.no_grad():
+            self.representatives = fit_representatives(self.engine, self.selector, images, k, budget=self.budget)
+        return self.representatives
+
+    def set_representatives(self, representatives: Representatives | None) -> "AdaptiveViT":
+        """Round decisions up to ``representatives`` (``None``: run the selector's own decisions)."""
+        self.representatives = representatives
+        return self
 
     # ------------------------------------------------------------------ files
     def checkpoint(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -130,6 +159,8 @@ class AdaptiveViT(nn.Module):
         ckpt["selector"] = selector_record(self.selector)
         ckpt["budget"] = self.budget
         ckpt["calibration"] = dict(self.calibration)
+        if self.representatives is not None:
+            ckpt["representatives"] = self.representatives.record()
         return ckpt
 
     def save(self, path: str | os.PathLike[str], metrics: Mapping[str, Any] | None = None) -> Path:
@@ -147,7 +178,9 @@ class AdaptiveViT(nn.Module):
                         ) -> "AdaptiveViT":
         model = model_from_checkpoint(ckpt)
         selector = selector_from_record(ckpt.get("selector"), model, path)
-        return cls(model, selector, ckpt.get("budget"), ckpt.get("calibration"), ckpt.get("split"))
+        reps = ckpt.get("representatives")  # files written before representatives existed have none
+        reps = None if reps is None else Representatives.from_record(reps, model.config, model.space, str(path))
+        return cls(model, selector, ckpt.get("budget"), ckpt.get("calibration"), ckpt.get("split"), reps)
 
 
 def selector_record(selector: Selector) -> dict[str, Any]:

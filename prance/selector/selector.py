@@ -40,6 +40,7 @@ class SelectorConfig:
     hidden: int = 128  # width of the actor and critic MLPs
     layers: int = 2  # hidden layers of each
     mlp_per_stage: bool = False  # one MLP ratio per stage instead of one per block
+    keep_grid: float = 0.0  # keep ratios raised to multiples of this (0: the search space's grid)
     budget: float = 0.5  # budget shown to the policy where an image's budget slot is empty
     budget_range: tuple[float, float] | None = None  # budgets it was trained for (None: `budget` only)
 
@@ -76,7 +77,7 @@ class Selector(nn.Module):
         super().__init__()
         self.config, self.space = config, space
         self.cfg = cfg or SelectorConfig()
-        self.actions = ActionSpace(config, space, self.cfg.mlp_per_stage)
+        self.actions = ActionSpace(config, space, self.cfg.mlp_per_stage, self.cfg.keep_grid)
         size = num_features(self.cfg.encoder, config)
         self.norm = FeatureNorm(size)
         choices = [len(d.choices) if d.categorical else 0 for d in self.actions.dims]
