@@ -21,7 +21,7 @@ import time
 import torch
 
 from prance.engine import DynamicExecutor
-from prance.evaluation.bench import random_plans
+from prance.bench import random_plans
 from prance.model import create_model
 from prance.plan import Plan
 from prance.policy import StageState

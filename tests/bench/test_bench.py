@@ -10,8 +10,9 @@ import yaml
 
 from prance import Plan, PranceError, count_macs, create_model
 from prance.cli import main
-from prance.evaluation import bench
-from prance.evaluation.bench import METHODS, benchmark, format_table, random_plans, select_mean, write_outputs
+from prance import bench
+from prance.accounting import macs_per_sample
+from prance.bench import METHODS, benchmark, format_table, random_plans, select_mean, write_outputs
 
 TARGET = 0.5
 BATCHES = (1, 3)
@@ -87,7 +88,7 @@ def test_static_baselines_are_matched_to_the_target_macs(result, method):
 
 def test_random_per_image_plans_average_the_target_and_are_labelled(model, result):
     plans = random_plans(model, TARGET, 32, seed=1)
-    fractions = bench.macs_per_sample(model, plans).double() / count_macs(model)
+    fractions = macs_per_sample(model, plans).double() / count_macs(model)
     assert len(plans.groups()) > 16  # really per image, not one plan repeated
     assert float(fractions.mean()) == pytest.approx(TARGET, abs=0.01)
     assert fractions.std() > 0.05
@@ -104,7 +105,7 @@ def test_distinct_plans_are_dealt_out_evenly_at_the_target(model):
     plans = random_plans(model, TARGET, 32, seed=2, distinct=4)
     groups = plans.groups()
     assert sorted(len(g) for g in groups) == [8, 8, 8, 8]
-    fractions = bench.macs_per_sample(model, plans).double() / count_macs(model)
+    fractions = macs_per_sample(model, plans).double() / count_macs(model)
     assert float(fractions.mean()) == pytest.approx(TARGET, abs=0.02)
     with pytest.raises(PranceError, match="distinct plans"):
         random_plans(model, TARGET, 8, distinct=9)
@@ -167,7 +168,7 @@ def test_plans_files_and_static_plan_are_used(model, tmp_path):
                                                         plans=loaded, plans_label=label))
     assert out["meta"]["reference"] == "dense"
     assert out["meta"]["methods"]["static-subnet"]["plan"] == static.to_dict()
-    want = bench.macs_per_sample(model, plans.select([0, 1])).double().mean() / 1e9
+    want = macs_per_sample(model, plans.select([0, 1])).double().mean() / 1e9
     assert _row(out, "prance", 2)["gmacs"] == pytest.approx(float(want))
     assert out["meta"]["methods"]["prance"]["plans"] == label
 
@@ -187,12 +188,12 @@ def test_models_load_from_a_timm_file_and_a_prance_checkpoint(tmp_path):
 
     model = create_model("fmnist-micro", depth=6)  # from_timm infers the config with 3-block stages first
     torch.save({"model": to_timm_state_dict(model)}, tmp_path / "vit.pth")
-    from_timm, label = bench.load_model(timm_path=str(tmp_path / "vit.pth"), stage_depth=model.config.stage_depth,
-                                       num_heads=model.config.num_heads)
-    assert from_timm.config == model.config and "timm" in label
+    from_timm = bench.load_model(timm_path=str(tmp_path / "vit.pth"), stage_depth=model.config.stage_depth,
+                                 num_heads=model.config.num_heads)
+    assert from_timm.model.config == model.config and "timm" in from_timm.label and from_timm.checkpoint is None
     save_checkpoint(tmp_path / "best.pt", model, "dense")
-    loaded, label = bench.load_model(checkpoint=str(tmp_path / "best.pt"))
-    assert loaded.config == model.config and "dense" in label
+    loaded = bench.load_model(checkpoint=str(tmp_path / "best.pt"))
+    assert loaded.model.config == model.config and "dense" in loaded.label and loaded.checkpoint["kind"] == "dense"
 
 
 def test_command_line_end_to_end(tmp_path, capsys, one_thread):
@@ -225,7 +226,6 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, argv, message):
 
 
 def test_bench_records_device_dtype_and_threads():
-    from prance.evaluation.bench import benchmark
     from prance.model import create_model
 
     torch.manual_seed(0)
