@@ -1,0 +1,65 @@
+"""``prance round-up``: K representatives onto a trained adaptive model, the knob calibrated again on the holdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prance.adaptive import AdaptiveViT
+from prance.cli import main
+from prance.data.splits import Holdout, holdout_set
+from prance.selector.representatives import stage_decisions
+from prance.training.selector import train_selector
+from tests.conftest import cli_error
+from tests.training.test_selector_training import _cfg, _meta
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: str) -> Path:
+    """A selector trained for a few updates on real images (budget 0.6), its adaptive.pt."""
+    tmp = tmp_path_factory.mktemp("selector")
+    torch.set_num_threads(1)
+    train_selector(_meta(tmp), _cfg(fmnist_dir, updates=3, mlp_per_stage=True), tmp / "sel", verbose=False)
+    return tmp / "sel" / "adaptive.pt"
+
+
+def test_round_up_writes_a_recalibrated_model_whose_rounded_mean_lands_on_the_budget(trained: Path, tmp_path: Path,
+                                                                                     fmnist_dir: str):
+    before = trained.read_bytes()
+    out = tmp_path / "k3" / "adaptive-k3.pt"
+    assert main(["round-up", "--checkpoint", str(trained), "--k", "3", "--holdout-limit", "64", "--threads", "1",
+                 "--out", str(out)]) == 0
+    assert trained.read_bytes() == before  # the input is left as it is
+    rounded = AdaptiveViT.load(out)
+    cal = rounded.calibration
+    assert cal["round_up"] == 3 and rounded.representatives.k == 3 and "knob" in cal["without_round_up"]
+    # Recompute the holdout mean independently: the same 64 held-out images through the loaded model.
+    held = holdout_set("fashion-mnist", img_size=28, in_chans=1, holdout=Holdout(), root=fmnist_dir, limit=64)
+    x = torch.stack([held[i][0] for i in range(len(held))])
+    rounded(x)
+    ratio = float(rounded.last.macs.double().mean()) / rounded.last.dense_macs
+    assert ratio == pytest.approx(cal["holdout_macs_ratio"], abs=1e-9)
+    assert abs(ratio - 0.6) <= 0.05 * 0.6, cal  # K = 3 moves the mean in coarse steps; still near the budget
+    cfg = rounded.model.config
+    for s in range(1, cfg.num_stages):
+        assert len(stage_decisions(cfg, rounded.last.plan, s).unique(dim=0)) <= 3
+    # `prance evaluate` runs the rounded model (its per-image decisions are the representatives).
+    assert main(["evaluate", "--checkpoint", str(out), "--limit", "16", "--out", str(tmp_path / "eval.json")]) == 0
+    images = json.loads((tmp_path / "eval.json").read_text())["images"]
+    table = rounded.representatives.stages[1]
+    assert all(any(row[0] == r["widths"][1] for row in table.tolist()) for r in images)
+
+
+def test_round_up_refuses_bad_requests_in_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    cli_error(capsys, ["round-up", "--checkpoint", trained, "--k", "0", "--out", tmp_path / "a.pt"], "--k")
+    cli_error(capsys, ["round-up", "--checkpoint", trained, "--k", "2", "--out", trained], "new file")
+    (tmp_path / "taken.pt").write_bytes(b"x")
+    cli_error(capsys, ["round-up", "--checkpoint", trained, "--k", "2", "--out", tmp_path / "taken.pt"], "--overwrite")
+    cli_error(capsys, ["round-up", "--checkpoint", trained.parent / "last.pt", "--k", "2", "--out",
+                       tmp_path / "new" / "b.pt"], "adaptive.pt")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "a.pt").exists()
