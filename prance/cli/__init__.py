@@ -6,6 +6,7 @@ Commands (one module each in this package; shared flags and checks in ``common.p
     train-meta      train the weight-sharing meta-network (sandwich rule; torchrun for several processes)
     sweep           accuracy vs MACs of static subnets, and the best one for a MACs budget
     train-selector  the per-image selector (Result-to-Go PPO on a frozen meta-network)
+    finetune        joint fine-tuning under the selector's decisions, or the static-plan baseline
     round-up        an adaptive model's decisions rounded up to K per stage, recalibrated (a new file)
     bench           wall-clock speed of PRANCE and its baselines at matched MACs (timm-style benchmark)
     visualize       PNG of the patches kept, merged and pruned per stage
@@ -23,12 +24,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from prance.cli import bench, evaluate, round_up, sweep, train_dense, train_meta, train_selector, visualize
+from prance.cli import (bench, evaluate, finetune, round_up, sweep, train_dense, train_meta, train_selector,
+                        visualize)
 from prance.errors import PranceError
 from prance.files import removed_if_left_empty
 
 #: One module per command, in the order ``prance --help`` lists them.
-COMMANDS = (train_dense, evaluate, train_meta, sweep, train_selector, round_up, bench, visualize)
+COMMANDS = (train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, train-selector, round-up, "
-                              "bench or visualize (see `prance --help`)")
+            raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, train-selector, finetune, "
+                              "round-up, bench or visualize (see `prance --help`)")
         with removed_if_left_empty(_output_folders(args)):
             args.func(args)
         return 0

@@ -46,7 +46,7 @@ from prance.devices import resolve_device
 from prance.errors import PranceError
 from prance.files import atomic_write
 from prance.model.metavit import MetaViT
-from prance.training.checkpoint import load_checkpoint, save_checkpoint
+from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 
 LAST, BEST, LOG, SPLIT = "last.pt", "best.pt", "log.jsonl", "split.json"
 
@@ -207,10 +207,11 @@ class RunFolder:
             atomic_write(self.path / SPLIT, lambda f: f.write(text.encode()))
         self.ctx.barrier()
 
-    def save(self, name: str, model: MetaViT, **fields: Any) -> None:
-        """Atomically write checkpoint ``name`` (rank 0 only; see :func:`save_checkpoint` for ``fields``)."""
+    def save(self, name: str, model: MetaViT, extra: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        """Atomically write checkpoint ``name`` (rank 0 only; see :func:`make_checkpoint` for ``fields``;
+        ``extra`` adds entries of the task's own, e.g. a selector)."""
         if self.ctx.is_main:
-            save_checkpoint(self.path / name, model, self.kind, **fields)
+            atomic_save({**make_checkpoint(model, self.kind, **fields), **dict(extra or {})}, self.path / name)
 
 
 def check_same_settings(current: Mapping[str, Any], saved: Mapping[str, Any], resumable: Sequence[str],
@@ -284,6 +285,9 @@ class TrainTask(Protocol):
 
     def validate(self) -> tuple[dict[str, float], float]:
         """Metrics on the holdout and the score ``best.pt`` maximises (rank 0 only)."""
+
+    # A task may also define ``checkpoint_fields() -> Mapping[str, Any]``: entries of its own that
+    # every checkpoint of the run carries next to the weights (joint fine-tuning: its selector).
 
 
 @dataclass
@@ -381,7 +385,8 @@ def train_loop(
                            world_size=ctx.world_size, best_score=best_score, best_epoch=best_epoch,
                            epoch_sums=sums, schedule=dict(kind="cosine", total_steps=total_steps,
                                                           warmup_steps=warmup_steps))
-        folder.save(name, model, train_state=train_state, metrics=metrics, args=dict(args), split=dict(split))
+        extra = task.checkpoint_fields() if ctx.is_main and hasattr(task, "checkpoint_fields") else None
+        folder.save(name, model, extra, train_state=train_state, metrics=metrics, args=dict(args), split=dict(split))
 
     stop_at = None if stop_after is None else step + stop_after
     window: dict[str, float] = {}

@@ -15,23 +15,9 @@ import torch
 
 from prance import PranceError
 from prance.cli import main
-from prance.data.fashion_mnist import FashionMNIST
 from prance.training.meta import MetaRunConfig, MetaTrainConfig, run_train_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool, set[int]]]:
-    seen: list[tuple[str, bool, set[int]]] = []
-    real = FashionMNIST._batch
-
-    def spy(self, positions):
-        seen.append((self.info.split, self.transform.train_augment, set(self._index[positions].tolist())))
-        return real(self, positions)
-
-    monkeypatch.setattr(FashionMNIST, "_batch", spy)
-    return seen
 
 
 def test_training_and_selection_commands_read_no_test_image_and_train_on_no_held_out_one(
