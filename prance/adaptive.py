@@ -90,7 +90,8 @@ class AdaptiveViT(nn.Module):
             selector.knob_curve = KnobCurve.from_dict(self.calibration["knob_curve"])
         self.split = dict(split or {})
         self.engine = DynamicExecutor(model)
-        self.last: ImageStats | None = None
+        self._executed: tuple[Plan, torch.Tensor | None] | None = None  # plan and budgets of the last call
+        self._last: ImageStats | None = None
         self.representatives = representatives
         self.budget = selector.cfg.budget
         self.set_budget(self.budget if budget is None else budget)
@@ -126,11 +127,23 @@ class AdaptiveViT(nn.Module):
         Per-image decisions and costs go to :attr:`last`."""
         budget = budget_slot(self.budget if budget is None else self.check_budget(budget), len(images))
         logits, plan = self.engine.run(images, policy=self.policy, budget=budget)
-        cfg = self.model.config
-        self.last = ImageStats(plan=plan, macs=macs_per_sample(cfg, plan) + self.selector.macs_per_image(),
-                               dense_macs=int(macs_per_sample(cfg, self.model.full_plan)[0]),
-                               params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan), budget=budget)
+        self._executed, self._last = (plan, budget), None
         return logits
+
+    @property
+    def last(self) -> ImageStats | None:
+        """What each image of the last batch chose and cost (None before the first call).
+
+        Counted when first read, not in :meth:`forward`: the accounting walks every block in Python,
+        a sizeable share of a small model's forward at batch 1 that a deployed model does not need."""
+        if self._last is None and self._executed is not None:
+            plan, budget = self._executed
+            cfg = self.model.config
+            self._last = ImageStats(plan=plan, macs=macs_per_sample(cfg, plan) + self.selector.macs_per_image(),
+                                    dense_macs=int(macs_per_sample(cfg, self.model.full_plan)[0]),
+                                    params=params_per_sample(cfg, plan), tokens=token_fractions(cfg, plan),
+                                    budget=budget)
+        return self._last
 
     # ------------------------------------------------------------------ representative decisions
     @property

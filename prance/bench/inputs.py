@@ -7,17 +7,32 @@ from typing import Any, Mapping
 
 import torch
 
+from prance.adaptive import SELECTOR_KINDS, AdaptiveViT
 from prance.model.metavit import MetaViT
 
 
 @dataclass(frozen=True)
 class Subject:
-    """The model to benchmark, a label for it and, when it came from a checkpoint, that checkpoint (loaded once)."""
+    """The model to benchmark, a label for it and, when it came from a checkpoint, that checkpoint (loaded once).
+
+    ``adaptive`` is set for a checkpoint with a selector: PRANCE is then that model deciding for
+    itself (its meta-network is ``model``).
+    """
 
     model: MetaViT
     label: str
     checkpoint: Mapping[str, Any] | None = None
     path: str | None = None
+    adaptive: AdaptiveViT | None = None
+
+
+@dataclass(frozen=True)
+class Images:
+    """Pre-loaded input images and where they come from (no tensor: random inputs are made by the benchmark)."""
+
+    tensor: torch.Tensor | None = None
+    label: str | None = None
+    indices: list[int] | None = None  # positions in their split
 
 
 def load_model(checkpoint: str | None = None, timm_path: str | None = None, preset: str | None = None,
@@ -31,7 +46,11 @@ def load_model(checkpoint: str | None = None, timm_path: str | None = None, pres
         from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
-        return Subject(model_from_checkpoint(ckpt), f"{checkpoint} ({ckpt['kind']})", ckpt, checkpoint)
+        label = f"{checkpoint} ({ckpt['kind']})"
+        if ckpt["kind"] in SELECTOR_KINDS:
+            adaptive = AdaptiveViT.from_checkpoint(ckpt, checkpoint)
+            return Subject(adaptive.model, label, ckpt, checkpoint, adaptive)
+        return Subject(model_from_checkpoint(ckpt), label, ckpt, checkpoint)
     if timm_path is not None:
         from prance.model.timm_interop import from_timm
 
@@ -44,9 +63,8 @@ def load_model(checkpoint: str | None = None, timm_path: str | None = None, pres
     return Subject(create_model(name).eval(), f"{name} (random weights)")
 
 
-def load_images(subject: Subject, data: str | None, data_dir: str | None, n: int,
-                seed: int) -> tuple[torch.Tensor | None, str | None]:
-    """``n`` test images as one tensor (loaded before any timing), or ``(None, None)`` for random inputs.
+def load_images(subject: Subject, data: str | None, data_dir: str | None, n: int, seed: int) -> Images:
+    """``n`` test images as one tensor (loaded before any timing), or no tensor for random inputs.
 
     A checkpoint's images are those of the data set it was trained on (``data`` overrides it,
     with the same classes); ``data`` "random", or None without a recorded data set, means random.
@@ -55,16 +73,17 @@ def load_images(subject: Subject, data: str | None, data_dir: str | None, n: int
     from prance.data.splits import final_test_set
 
     if data == "random":
-        return None, None
+        return Images()
     if subject.checkpoint is not None:
         if data is None and trained_on(subject.checkpoint).data is None:
-            return None, None
+            return Images()
         ds = checkpoint_dataset(subject.checkpoint, str(subject.path), data=data, data_dir=data_dir, limit=n,
                                 seed=seed)
     elif data is None:
-        return None, None
+        return Images()
     else:
         cfg = subject.model.config
         ds = final_test_set(data, img_size=cfg.img_size, in_chans=cfg.in_chans, root=data_dir, limit=n, seed=seed)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return images, f"{len(ds)} {ds.info.name} {ds.info.split} images (pre-loaded)"
+    return Images(images, f"{len(ds)} {ds.info.name} {ds.info.split} images (pre-loaded; seed {seed})",
+                  ds.indices.tolist())

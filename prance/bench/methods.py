@@ -7,19 +7,22 @@ Methods, all on the same weights and the same input batches:
 * ``evit``          — :class:`~prance.tokens.EViTReducer` at the stage starts, keep rate matched to the target MACs;
 * ``tome``          — :class:`~prance.tokens.ToMeReducer` with ``r`` matched to the target MACs;
 * ``static-subnet`` — one plan for every image (a sweep's YAML, or the closest uniform subnet);
-* ``prance``        — :class:`~prance.engine.DynamicExecutor` with one plan per image;
+* ``prance``        — :class:`~prance.engine.DynamicExecutor` with one plan per image, or, for an
+  :class:`~prance.adaptive.AdaptiveViT`, its whole forward: the selector decides, the engine executes;
 * ``prance-padded`` — the same with ``attention="padded"`` (one attention call per block).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from prance.accounting import macs_per_sample, params_per_sample, token_fractions
-from prance.bench.plans import RANDOM_PLANS_LABEL, random_plans
+from prance.adaptive import AdaptiveViT, ImageStats
+from prance.bench.plans import RANDOM_PLANS_LABEL, SELECTOR_PLANS_LABEL, random_plans
 from prance.errors import PranceError
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
@@ -44,6 +47,7 @@ class Method:
     tokens: torch.Tensor  # [pool] token fraction of each pooled image (see token_fraction)
     settings: dict[str, Any] = field(default_factory=dict)
     pool_plans: Plan | None = None  # [pool] per-image plans (per-image methods only)
+    decides: Callable[[torch.Tensor], Plan] | None = None  # runs a batch untimed, returns the plans it executed
 
 
 def reducer_macs(model: MetaViT, reducer: Any) -> int:
@@ -126,14 +130,19 @@ class MethodOptions:
 
     evit_keep: float | None = None
     tome_r: int | None = None
-    static_plan: Plan | None = None
-    static_label: str | None = None
+    static_plans: Sequence[tuple[str, Plan]] | None = None
+    """Named candidates for the static subnet, the one closest to the target used (default: a search)."""
+    static_source: str | None = None
     plans: Plan | None = None
     """Per-image plans for the PRANCE methods (default: random plans at the target)."""
     plans_label: str | None = None
     keep_grid: float | None = None
     distinct_plans: int | None = None
     """Random plans only: deal out this many distinct plans instead of one per image."""
+    adaptive: AdaptiveViT | None = None
+    """PRANCE is this adaptive model deciding for itself (its meta-network is the model benchmarked)."""
+    decisions: ImageStats | None = None
+    """With ``adaptive``: its decisions on the pooled images (:func:`~prance.bench.plans.selector_plans`)."""
 
 
 def build_methods(
@@ -150,14 +159,15 @@ def build_methods(
 
     Per-image plans (``plans``, cycled to ``pool`` rows, or random ones at the target) are
     one per pooled image; a per-image method's ``forward(x, j)`` runs ``x`` with the plans
-    ``batch_plans(j)`` (the rows of the images in batch ``j``).
+    ``batch_plans(j)`` (the rows of the images in batch ``j``). With ``options.adaptive`` the
+    PRANCE methods run the adaptive model itself, costed by its ``options.decisions``.
     """
     from prance.engine import DynamicExecutor
     from prance.model.timm_interop import timm_kwargs, to_timm_state_dict
     from prance.tokens.baselines import EViTReducer, ToMeReducer
 
     o = options or MethodOptions()
-    evit_keep, tome_r, static_plan, keep_grid = o.evit_keep, o.tome_r, o.static_plan, o.keep_grid
+    evit_keep, tome_r, keep_grid = o.evit_keep, o.tome_r, o.keep_grid
     plans, plans_label = o.plans, o.plans_label
     cfg = model.config
     full = Plan.full(cfg)
@@ -194,11 +204,17 @@ def build_methods(
             static(name, lambda x, red=reducer: model(x, reducer=red), reducer_macs(model, reducer), dense_params,
                    float(token_fraction(model, reducer=reducer)[0]), {"r": r, "matched": tome_r is None})
         elif name == "static-subnet":
-            plan = search_static_plan(model, target) if static_plan is None else static_plan
-            label = o.static_label or "closest uniform subnet to the target MACs (small search)"
+            if o.static_plans:
+                plan_name, plan = closest_plan(model, o.static_plans, target)
+                label = f"plan {plan_name!r} from {o.static_source or 'the given plans'}"
+            else:
+                plan = search_static_plan(model, target)
+                label = "closest uniform subnet to the target MACs (small search)"
             static(name, lambda x, p=plan: model(x, p), int(macs_per_sample(model, plan)[0]),
                    params_per_sample(model, plan), float(token_fraction(model, plan)[0]),
                    {"plan": plan.to_dict(), "source": label})
+        elif name in ("prance", "prance-padded") and o.adaptive is not None:
+            out[name] = adaptive_method(name, o.adaptive, o.decisions, pool)
         elif name in ("prance", "prance-padded"):
             if plans is None:
                 plans = random_plans(model, target, pool, seed=seed, keep_grid=keep_grid, distinct=o.distinct_plans)
@@ -216,3 +232,34 @@ def build_methods(
             raise PranceError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return out
 
+
+def closest_plan(model: MetaViT, named: Sequence[tuple[str, Plan]], target: float) -> tuple[str, Plan]:
+    """The named one-row plan whose MACs are closest to ``target`` × dense."""
+    dense = float(macs_per_sample(model.config)[0])
+    return min(named, key=lambda p: abs(float(macs_per_sample(model.config, p[1])[0]) / dense - target))
+
+
+def adaptive_method(name: str, adaptive: AdaptiveViT, decisions: ImageStats | None, pool: int) -> Method:
+    """PRANCE as deployed: ``adaptive``'s full forward (selector + engine) on each batch, costed by
+    ``decisions`` (its plans for the ``pool`` images, selector MACs included). ``prance-padded``
+    runs a shallow copy whose engine pads attention (same weights, same selector)."""
+    from prance.engine import DynamicExecutor
+
+    if decisions is None or len(decisions.macs) != pool:
+        raise PranceError(f"an adaptive model needs its decisions on the {pool} pooled images; compute them with "
+                          "prance.bench.plans.selector_plans")
+    net = adaptive
+    if name == "prance-padded":
+        net = copy.copy(adaptive)  # shares modules and settings; only the engine differs
+        net.engine = DynamicExecutor(adaptive.model, "padded")
+
+    def decide(x: torch.Tensor) -> Plan:
+        with torch.inference_mode():
+            net(x)
+        return net.last.plan  # type: ignore[union-attr]  # set by the call
+
+    return Method(name, lambda x, j: net(x), decisions.macs, decisions.params, decisions.tokens.mean(1),
+                  {"plans": SELECTOR_PLANS_LABEL, "attention": net.engine.attention, "budget": adaptive.budget,
+                   "selector_macs": adaptive.selector.macs_per_image(),
+                   "representatives": adaptive.representatives is not None},
+                  pool_plans=decisions.plan, decides=decide)

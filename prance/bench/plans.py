@@ -1,7 +1,9 @@
-"""The plans the methods run: random per-image plans at a MACs target, plans from files.
+"""The plans the methods run: an adaptive model's own decisions, random plans at a MACs target, files.
 
-Per-image plans come from a file or are *random per-image plans* selected so their mean
-MACs hit the target (a stand-in for a selector's decisions); the output says which.
+PRANCE's per-image plans are the *selector plans* of an adaptive model (what its selector
+decides for each image, timed together with the selector), plans from a file, or *random
+per-image plans* selected so their mean MACs hit the target (a stand-in for a selector's
+decisions); the output says which.
 """
 
 from __future__ import annotations
@@ -12,12 +14,48 @@ from pathlib import Path
 
 import torch
 
-from prance.accounting import macs_per_sample
+from prance.accounting import macs_per_sample, token_fractions
+from prance.adaptive import AdaptiveViT, ImageStats
+from prance.config import ViTConfig
 from prance.errors import PranceError
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 
 RANDOM_PLANS_LABEL = "random per-image plans (no trained selector yet), mean MACs matched to the target"
+SELECTOR_PLANS_LABEL = ("selector plans: the adaptive model's own per-image decisions, selector and engine timed "
+                        "together; the baselines matched to their mean MACs (selector included)")
+
+
+def selector_plans(adaptive: AdaptiveViT, images: torch.Tensor, batch_size: int) -> ImageStats:
+    """What ``adaptive`` decides for each of ``images`` and what that costs, selector included.
+
+    Runs the full adaptive forward in batches of ``batch_size`` under inference mode; an
+    image's decisions do not depend on its batch, so these are the plans it gets when timed.
+    """
+    parts: list[ImageStats] = []
+    with torch.inference_mode():
+        for chunk in images.split(batch_size):
+            adaptive(chunk)
+            assert adaptive.last is not None
+            parts.append(adaptive.last)
+    plan = Plan.cat([p.plan for p in parts])
+    budgets = [p.budget for p in parts]
+    return ImageStats(plan=Plan(**{f.name: getattr(plan, f.name).cpu() for f in fields(Plan)}),
+                      macs=torch.cat([p.macs.cpu() for p in parts]), dense_macs=parts[0].dense_macs,
+                      params=torch.cat([p.params.cpu() for p in parts]),
+                      tokens=torch.cat([p.tokens.cpu() for p in parts]),
+                      budget=None if any(b is None for b in budgets) else torch.cat([b.cpu() for b in budgets]))
+
+
+def differing_decisions(executed: Plan, costed: Plan, config: ViTConfig) -> torch.Tensor:
+    """``[B]`` True where an executed plan runs differently from the costed one: another width, MLP
+    ratio or head count, or another token count at some stage. Keep ratios themselves may differ in
+    the last bits (a batched matrix product rounds the selector's features differently) without
+    changing what runs."""
+    exact = [(getattr(executed, k).cpu() != getattr(costed, k).cpu()).flatten(1).any(1)
+             for k in ("widths", "mlp_ratios", "heads")]
+    tokens = token_fractions(config, executed).cpu() != token_fractions(config, costed).cpu()
+    return torch.stack(exact + [tokens.any(1)]).any(0)
 
 
 def random_plans(model: MetaViT, target: float, size: int, seed: int = 0, keep_grid: float | None = None,
@@ -119,14 +157,11 @@ def load_plans(path: str | os.PathLike[str], model: MetaViT) -> tuple[Plan, str]
     return plan.validate(cfg, space), f"per-image plans from {path} ({plan.batch_size} rows)"
 
 
-def load_static_plan(path: str | os.PathLike[str], model: MetaViT, target: float) -> tuple[Plan, str]:
-    """A static plan from a sweep YAML; with several plans, the one closest to the target MACs."""
+def load_static_plan(path: str | os.PathLike[str], model: MetaViT) -> list[tuple[str, Plan]]:
+    """The named static plans of a sweep YAML (the static subnet is the one closest to the target MACs)."""
     from prance.evaluation.evaluate import plans_from_spec
 
     if not Path(path).is_file():
         raise PranceError(f"--static-plan {path}: file not found; give the plan YAML written by the sweep")
-    named = plans_from_spec(str(path), model.config, model.space)
-    dense = float(macs_per_sample(model.config)[0])
-    name, plan = min(named, key=lambda p: abs(float(macs_per_sample(model.config, p[1])[0]) / dense - target))
-    return plan, f"plan {name!r} from {path}"
+    return plans_from_spec(str(path), model.config, model.space)
 

@@ -152,6 +152,9 @@ def format_table(result: dict[str, Any]) -> str:
     per_image = [n for n in ("prance", "prance-padded") if n in settings]
     if per_image:
         out.append(f"* {', '.join(per_image)}: {settings[per_image[0]]['plans']}")
+    if "selector" in meta:
+        out.append(f"selector: mean {meta['selector']['macs_ratio']:.4f} x dense MACs over the {meta['pool']} images "
+                   f"(selector included), budget {meta['selector']['budget']:g}")
     out.append(f"inputs: {meta['inputs']}; load average {meta['loadavg_before']} -> {meta['loadavg_after']}")
     if "allocator" in meta:
         out.append(f"allocator: {meta['allocator']}")
@@ -169,8 +172,9 @@ def plot_speedups(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     for name in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["batch_size"])
         bs = [r["batch_size"] for r in mine]
-        label = name + (" (random per-image plans)" if mine[0]["per_image_plans"] and "random" in str(
-            meta["methods"][name].get("plans", "")) else "")
+        source = str(meta["methods"][name].get("plans", "")) if mine[0]["per_image_plans"] else ""
+        label = name + next((f" ({kind})" for kind in ("selector plans", "random per-image plans")
+                             if source.startswith(kind)), "")
         ax.plot(bs, [r["speedup"] for r in mine], "o-", color=colors[name], label=label)
         if name != meta["reference"]:
             ax.plot(bs, [r["ideal_speedup"] for r in mine], "--", color=colors[name], alpha=0.6, linewidth=1)

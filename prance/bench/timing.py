@@ -20,14 +20,18 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from prance.accounting import macs_per_sample
+from prance.adaptive import AdaptiveViT
 from prance.bench.methods import METHODS, Method, MethodOptions, build_methods
+from prance.bench.plans import differing_decisions, selector_plans
 from prance.bench.report import loadavg, measurement_row, run_record
+from prance.config import ViTConfig
 from prance.errors import PranceError
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
@@ -36,7 +40,8 @@ DEFAULT_BATCH_SIZES = (1, 8, 64)
 
 
 def check_args(batch_sizes: Sequence[int], methods: Sequence[str], target: float, runs: int, warmup: int,
-                rounds: int) -> None:
+               rounds: int) -> None:
+    """Every benchmark setting the user gives, checked before anything runs (one-line errors)."""
     if not batch_sizes:
         raise PranceError("give at least one batch size, e.g. --batch-sizes 1,8,64")
     bad = [b for b in batch_sizes if not isinstance(b, int) or b < 1]
@@ -63,18 +68,18 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-
 def benchmark(
-    model: MetaViT,
+    model: MetaViT | AdaptiveViT,
     *,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     methods: Sequence[str] = METHODS,
-    target_macs: float = 0.5,
+    target_macs: float | None = None,
     runs: int = 20,
     warmup: int = 5,
     rounds: int = 4,
     images: torch.Tensor | None = None,
     images_label: str | None = None,
+    image_indices: Sequence[int] | None = None,
     pool: int | None = None,
     options: MethodOptions | None = None,
     seed: int = 0,
@@ -94,15 +99,26 @@ def benchmark(
     are split into batches, and timed run ``k`` uses batch ``k`` mod the number of batches,
     so at small batch sizes per-image plans vary from run to run as they would in use.
     MACs, parameters and tokens of per-image methods are averaged over the images of the
-    timed runs.
+    timed runs. ``image_indices`` (where the images sit in their split) are recorded.
+
+    ``target_macs`` is a fraction of the dense MACs (default 0.5). With an
+    :class:`~prance.adaptive.AdaptiveViT` as ``model``, PRANCE is that model deciding for itself
+    (:func:`~prance.bench.methods.adaptive_method`) on ``images``, which must be real images; the
+    target is its mean MACs on them, selector included, and the baselines are matched to that.
+    After each batch size the plans the timed calls executed are compared with the costed ones.
     """
     methods = list(dict.fromkeys(methods))
     batch_sizes = list(batch_sizes)
-    check_args(batch_sizes, methods, target_macs, runs, warmup, rounds)
+    adaptive = model if isinstance(model, AdaptiveViT) else None
+    if adaptive is not None:
+        _check_adaptive(target_macs, images, options)
+        model = adaptive.model
+    target = 0.5 if target_macs is None else target_macs
+    check_args(batch_sizes, methods, target, runs, warmup, rounds)
     rounds = min(rounds, runs)
     log = log or (lambda s: None)
     device = torch.device(device)
-    model = model.eval().to(device)
+    (model if adaptive is None else adaptive).eval().to(device)
     cfg = model.config
     pool = max(64, *batch_sizes) if pool is None else pool
     if pool < max(batch_sizes):
@@ -113,12 +129,22 @@ def benchmark(
         images_label = images_label or f"random normal images ({pool}, pre-generated)"
     else:
         model.check_input(images)
-        images = images[torch.arange(pool) % len(images)].contiguous()
+        cycle = torch.arange(pool) % len(images)
+        images = images[cycle].contiguous()
         images_label = images_label or f"{len(images)} pre-loaded images"
+        if image_indices is not None:
+            image_indices = [int(image_indices[i]) for i in cycle]
+    decisions = None
+    if adaptive is not None:
+        decisions = selector_plans(adaptive, images.to(device, model.head.weight.dtype), max(batch_sizes))
+        target = min(1.0, float(decisions.macs_ratio.mean()))
+        options = replace(options or MethodOptions(), adaptive=adaptive, decisions=decisions)
+        log(f"selector plans: {float(decisions.macs_ratio.mean()):.4f} x dense MACs on average over {pool} images "
+            "(selector included); the baselines are matched to that")
 
     allocator = steady_allocator()
     layout: dict[str, list[Plan]] = {"plans": []}  # per-image plans of each batch, for the current batch size
-    built = build_methods(model, methods, pool, target_macs, lambda j: layout["plans"][j], options, seed=seed)
+    built = build_methods(model, methods, pool, target, lambda j: layout["plans"][j], options, seed=seed)
     reference = "dense-timm" if "dense-timm" in built else "dense"
     pool_plans = next((m.pool_plans for m in built.values() if m.pool_plans is not None), None)
     dense_macs = float(macs_per_sample(cfg)[0])
@@ -137,6 +163,8 @@ def benchmark(
         for name, m in built.items():
             timed = torch.cat([index[j] for j, _ in times[name]])
             batch_rows.append(measurement_row(m, b, [t for _, t in times[name]], timed, dense_macs))
+            if m.decides is not None:
+                batch_rows[-1].update(_check_decisions(m, xs, layout["plans"], {j for j, _ in times[name]}, cfg, log))
         ref = next(r for r in batch_rows if r["method"] == reference)
         for row in batch_rows:
             row["speedup"] = ref["ms_median"] / row["ms_median"]
@@ -149,12 +177,43 @@ def benchmark(
             for name, m in built.items():
                 path = write_profile(m, xs, Path(profile_dir) / f"profile-{name}-b{b}.txt", calls=max(1, min(runs, 5)))
                 log(f"  profile of {name} -> {path}")
-    meta = run_record(model, model_label, built, reference, batch_sizes, target_macs, runs, warmup, rounds, pool,
-                 images_label, seed, command, load_before, time.perf_counter() - started)
+    meta = run_record(model, model_label, built, reference, batch_sizes, target, runs, warmup, rounds, pool,
+                      images_label, seed, command, load_before, time.perf_counter() - started)
+    meta["image_indices"] = None if image_indices is None else list(image_indices)
+    if decisions is not None:
+        meta["selector"] = {"macs_ratio": float(decisions.macs_ratio.mean()), "budget": adaptive.budget,
+                            "macs": decisions.macs.tolist(), "plans": [decisions.plan.to_dict(i) for i in range(pool)]}
     meta["allocator"] = allocator
     meta["device"] = str(device)
     meta["dtype"] = str(model.head.weight.dtype).removeprefix("torch.")
     return {"meta": meta, "rows": rows}
+
+
+def _check_adaptive(target_macs: float | None, images: torch.Tensor | None, options: MethodOptions | None) -> None:
+    """An adaptive model sets its own target and plans, and decides from real images."""
+    o = options or MethodOptions()
+    if target_macs is not None:
+        raise PranceError("an adaptive model's own mean MACs are the target; drop --target-macs (or benchmark its "
+                          "meta-network checkpoint at a target)")
+    if o.plans is not None or o.distinct_plans is not None or o.keep_grid is not None:
+        raise PranceError("an adaptive model decides its own per-image plans; drop --plans, --distinct-plans and "
+                          "--keep-grid")
+    if images is None:
+        raise PranceError("an adaptive model decides from the images it sees; time it on real images (its data "
+                          "set's test split), not random ones")
+
+
+def _check_decisions(m: Method, xs: list[torch.Tensor], costed: list[Plan], timed: set[int], config: ViTConfig,
+                     log: Callable[[str], None]) -> dict[str, int]:
+    """How many images of the batches ``timed`` ``m`` decides differently from the plans it is costed by
+    (one more untimed call per batch: its decisions are deterministic, so the timed calls made the same)."""
+    assert m.decides is not None
+    checked = sum(costed[j].batch_size for j in timed)
+    differing = sum(int(differing_decisions(m.decides(xs[j]), costed[j], config).sum()) for j in sorted(timed))
+    if differing:
+        log(f"  warning: {m.name} decided {differing} of {checked} images differently when timed than when "
+            "costed; its MACs are those of the costed plans")
+    return {"decisions_checked": checked, "decisions_differing": differing}
 
 
 #: glibc ``mallopt`` parameters (malloc.h).

@@ -20,9 +20,12 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("bench", parents=[debug], help="wall-clock speed of PRANCE and its baselines at matched MACs",
                        description="Time dense (timm and ours), EViT, ToMe, the static subnet and PRANCE's engine at "
-                       "one MACs target; prints a table and writes bench.json and bench.png into --out.")
+                       "one MACs target; prints a table and writes bench.json and bench.png into --out. With an "
+                       "adaptive checkpoint (RUN/adaptive.pt) PRANCE is the adaptive model deciding for itself "
+                       "(selector plans) on test images of its data set, and the target is its mean MACs there.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default=None, help="a prance checkpoint (e.g. RUN/best.pt)")
+    src.add_argument("--checkpoint", default=None,
+                     help="a prance checkpoint (e.g. RUN/best.pt), or an adaptive model (RUN/adaptive.pt)")
     src.add_argument("--timm", default=None, metavar="PATH", help="a local timm/DeiT .pth (plain ViT layout)")
     src.add_argument("--preset", default=None,
                      help=f"a preset with random weights (default {DEFAULT_PRESET}; e.g. deit-small, fmnist-tiny)")
@@ -31,8 +34,12 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                    help="comma-separated batch sizes (default 1,8,64)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--target-macs", type=float, default=0.5,
-                   help="MACs target as a fraction of dense, in (0, 1] (default 0.5)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="MACs target as a fraction of dense, in (0, 1] (default 0.5; an adaptive checkpoint's own mean "
+                        "MACs)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="adaptive checkpoint: the budget its selector decides under (default: the one it was "
+                        "calibrated for; others only within a trained --budget-range)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per method and batch size (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per method (default 5)")
     p.add_argument("--rounds", type=int, default=4,
@@ -75,7 +82,8 @@ def command(args: argparse.Namespace) -> dict[str, Any]:
     """
     batch_sizes = _parse_ints(args.batch_sizes, "--batch-sizes")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    check_args(batch_sizes, methods, args.target_macs, args.runs, args.warmup, args.rounds)
+    check_args(batch_sizes, methods, 0.5 if args.target_macs is None else args.target_macs, args.runs, args.warmup,
+               args.rounds)
     set_threads(args.threads)
     if args.pool is not None and args.pool < max(batch_sizes):
         raise PranceError(f"--pool {args.pool} must be at least the largest batch size ({max(batch_sizes)})")
@@ -90,18 +98,26 @@ def command(args: argparse.Namespace) -> dict[str, Any]:
     out = check_writable_dir(args.out)
     subject = load_model(args.checkpoint, args.timm, args.preset, num_heads=args.num_heads)
     model = subject.model
+    if subject.adaptive is None and args.budget is not None:
+        raise PranceError("--budget is for an adaptive checkpoint (RUN/adaptive.pt); use --target-macs for this model")
+    if subject.adaptive is not None:
+        if args.data == "random":
+            raise PranceError("an adaptive model decides from the images it sees; drop --data random (it is timed "
+                              "on test images of its data set)")
+        if args.budget is not None:
+            subject.adaptive.set_budget(args.budget)
     pool = args.pool or max(64, *batch_sizes)
-    images, images_label = load_images(subject, args.data, args.data_dir, pool, args.seed)
-    static_plan = static_label = plans = plans_label = None
-    if args.static_plan is not None:
-        static_plan, static_label = load_static_plan(args.static_plan, model, args.target_macs)
-    if args.plans is not None:
-        plans, plans_label = load_plans(args.plans, model)
+    images = load_images(subject, args.data, args.data_dir, pool, args.seed)
+    if subject.adaptive is not None and images.tensor is None:
+        raise PranceError(f"{args.checkpoint} records no data set; give --data and --data-dir of the images it "
+                          "decides on")
+    static_plans = None if args.static_plan is None else load_static_plan(args.static_plan, model)
+    plans, plans_label = load_plans(args.plans, model) if args.plans is not None else (None, None)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    result = benchmark(model, batch_sizes=batch_sizes, methods=methods, target_macs=args.target_macs,
-                       runs=args.runs, warmup=args.warmup, rounds=args.rounds, images=images,
-                       images_label=images_label, pool=pool,
-                       options=MethodOptions(args.evit_keep, args.tome_r, static_plan, static_label, plans,
+    result = benchmark(subject.adaptive or model, batch_sizes=batch_sizes, methods=methods,
+                       target_macs=args.target_macs, runs=args.runs, warmup=args.warmup, rounds=args.rounds,
+                       images=images.tensor, images_label=images.label, image_indices=images.indices, pool=pool,
+                       options=MethodOptions(args.evit_keep, args.tome_r, static_plans, args.static_plan, plans,
                                              plans_label, args.keep_grid, args.distinct_plans),
                        seed=args.seed, model_label=subject.label, command=command_line, log=log,
                        profile_dir=out if args.profile else None, device=device)

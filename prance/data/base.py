@@ -49,6 +49,11 @@ class IndexedDataset(Dataset[Sample]):
         return view
 
     @property
+    def indices(self) -> torch.Tensor:
+        """Where this view's samples sit in the whole split, int64 [len(self)] (to say which images were used)."""
+        return self._index
+
+    @property
     def targets(self) -> torch.Tensor:
         """Labels of the samples in this view, int64 [len(self)]."""
         return self._labels[self._index]

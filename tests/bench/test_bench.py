@@ -160,14 +160,15 @@ def test_plans_files_and_static_plan_are_used(model, tmp_path):
     from_yaml, _ = bench.load_plans(tmp_path / "plans.yaml", model)
     assert [from_yaml.key(i) for i in range(3)] == [plans.key(i) for i in range(3)]
 
-    static = Plan.uniform(cfg, [48, 32, 32, 32], [4.0, 3.0, 3.0, 3.0])
-    (tmp_path / "static.yaml").write_text(yaml.safe_dump(static.to_dict()))
-    static_plan, static_label = bench.load_static_plan(tmp_path / "static.yaml", model, TARGET)
+    static = Plan.uniform(cfg, [48, 32, 32, 32], [4.0, 3.0, 3.0, 3.0])  # about half the dense MACs
+    (tmp_path / "static.yaml").write_text(yaml.safe_dump([Plan.full(cfg).to_dict(), static.to_dict()]))
+    static_plans = bench.load_static_plan(tmp_path / "static.yaml", model)
     out = benchmark(model, batch_sizes=[2], methods=["dense", "static-subnet", "prance"], runs=1, warmup=0,
-                    pool=3, options=bench.MethodOptions(static_plan=static_plan, static_label=static_label,
+                    pool=3, options=bench.MethodOptions(static_plans=static_plans, static_source="static.yaml",
                                                         plans=loaded, plans_label=label))
     assert out["meta"]["reference"] == "dense"
-    assert out["meta"]["methods"]["static-subnet"]["plan"] == static.to_dict()
+    assert out["meta"]["methods"]["static-subnet"]["plan"] == static.to_dict()  # the one nearer the target
+    assert "static.yaml" in out["meta"]["methods"]["static-subnet"]["source"]
     want = macs_per_sample(model, plans.select([0, 1])).double().mean() / 1e9
     assert _row(out, "prance", 2)["gmacs"] == pytest.approx(float(want))
     assert out["meta"]["methods"]["prance"]["plans"] == label
