@@ -33,6 +33,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     e.add_argument("--baseline", action="append", default=[], metavar="SPEC",
                    help="also evaluate a static token-reduction baseline on the full-size model: evit:KEEP, "
                         "evit-fuse:KEEP or tome:R (repeatable)")
+    e.add_argument("--budget", type=float, default=None,
+                   help="an adaptive model's budget (mean MACs / dense) to evaluate at; inside the range its "
+                        "selector was trained for (default: the budget the file records)")
     e.add_argument("--seed", type=int, default=0, help="seed of the data subset and of random:K (default 0)")
     e.add_argument("--out", default=None, help="write the JSON result here")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -68,6 +71,9 @@ def command(args: argparse.Namespace) -> None:
 
     if ckpt["kind"] in SELECTOR_KINDS:
         return _evaluate_adaptive(args, ckpt, device)
+    if args.budget is not None:
+        raise PranceError(f"--budget is for adaptive models, and {args.checkpoint} is a {ckpt['kind']} checkpoint; "
+                          "drop it (or give the adaptive.pt of `prance train-selector`)")
     # Plans are read with every token mode allowed, so that a plan the checkpoint was not trained for is
     # refused by require_trained_for, naming the checkpoint and the fix; a dense model runs any plan's slices.
     any_tokens = replace(model.space, token_mode="prune_merge")
@@ -108,6 +114,8 @@ def _evaluate_adaptive(args: argparse.Namespace, ckpt: dict[str, Any], device: A
         raise PranceError(f"{args.checkpoint} is an adaptive model: its selector decides every plan; drop --plan and "
                           "--baseline (evaluate its meta-network checkpoint for static plans)")
     adaptive = AdaptiveViT.from_checkpoint(ckpt, args.checkpoint).to(device)
+    if args.budget is not None:
+        adaptive.set_budget(args.budget)
     dataset = checkpoint_dataset(ckpt, args.checkpoint, split=args.split, data=args.data, data_dir=args.data_dir,
                                  limit=args.limit, seed=args.seed)
     summary, records = evaluate_adaptive(adaptive, DataLoader(dataset, batch_size=args.batch_size, shuffle=False))
@@ -118,7 +126,8 @@ def _evaluate_adaptive(args: argparse.Namespace, ckpt: dict[str, Any], device: A
     if args.out is not None:
         csv_path = Path(args.out).with_suffix(".csv")
         write_json({"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "data": dataset.info.name,
-                    "split": args.split, "device": str(device), "budget": ckpt.get("budget"),
+                    "split": args.split, "device": str(device), "budget": adaptive.budget,
+                    "budget_range": list(adaptive.budget_range),
                     "calibration": ckpt.get("calibration"), "summary": summary, "images": records}, args.out)
         write_csv(records, csv_path)
         print(f"wrote {args.out} and {csv_path} (per-image decisions)")

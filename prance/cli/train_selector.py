@@ -26,6 +26,12 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     budget.add_argument("--budget", type=float, default=None,
                         help="mean MACs as a fraction of the dense model's, selector included (default 0.5)")
     budget.add_argument("--gmacs", type=float, default=None, help="mean GMACs per image instead of --budget")
+    budget.add_argument("--budget-range", default=None, metavar="LOW,HIGH",
+                        help="one selector for every budget in LOW..HIGH (e.g. 0.3,0.8): the budget is drawn per "
+                             "image in training and set at inference (AdaptiveViT.set_budget, evaluate --budget)")
+    p.add_argument("--budget-bins", type=int, default=None,
+                   help="with --budget-range: budgets λ is learned and the knob calibrated at, evenly spaced, "
+                        "ends included (default 6)")
     p.add_argument("--encoder", choices=ENCODERS, default="keys",
                    help="state: 'keys' (the paper's per-token key means, default) or 'cls' (cls features)")
     p.add_argument("--updates", type=int, default=300, help="PPO updates, one rollout each (default 300)")
@@ -53,10 +59,16 @@ def command(args: argparse.Namespace) -> None:
     from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
     from prance.training.selector import SelectorTrainConfig, train_selector
 
-    for flag in ("updates", "batch_size", "hidden", "lr", "limit", "holdout_limit", "checkpoint_every", "gmacs"):
+    for flag in ("updates", "batch_size", "hidden", "lr", "limit", "holdout_limit", "checkpoint_every", "gmacs",
+                 "budget_bins"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    budget_range = None if args.budget_range is None else _budget_range(args.budget_range)
+    if args.budget_bins is not None and budget_range is None:
+        raise PranceError("--budget-bins splits a --budget-range; give --budget-range LOW,HIGH too, or drop it")
     ckpt = load_checkpoint(args.meta, kind=("meta", "joint"))
     budget = 0.5 if args.budget is None else args.budget
+    if budget_range is not None:  # the written adaptive model starts in the middle of its range
+        budget = 0.5 * (budget_range[0] + budget_range[1])
     if args.gmacs is not None:
         dense = count_macs(model_from_checkpoint(ckpt)) / 1e9
         budget = args.gmacs / dense
@@ -69,12 +81,29 @@ def command(args: argparse.Namespace) -> None:
                               hidden=args.hidden, mlp_per_stage=args.mlp_per_stage, keep_penalty=args.keep_penalty,
                               ppo={"lr": args.lr}, seed=args.seed, limit=args.limit, holdout_limit=args.holdout_limit,
                               checkpoint_every=args.checkpoint_every, data=trained.data or "fashion-mnist",
-                              data_dir=args.data_dir or trained.data_dir)
+                              data_dir=args.data_dir or trained.data_dir, budget_range=budget_range,
+                              budget_bins=args.budget_bins or 6)
     summary = train_selector(args.meta, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
-    if int(os.environ.get("RANK", "0")) == 0 and "adaptive" in summary:
+    if int(os.environ.get("RANK", "0")) == 0 and "adaptive" in summary and budget_range is not None:
+        print(f"selector in {summary['out']}: {summary['update']} updates, budgets {budget_range[0]:g} to "
+              f"{budget_range[1]:g}; adaptive model {summary['adaptive']} (evaluate it with --budget B)")
+    elif int(os.environ.get("RANK", "0")) == 0 and "adaptive" in summary:
         print(f"selector in {summary['out']}: {summary['update']} updates; on the holdout top-1 "
               f"{summary['holdout_top1']:.2f}% at {summary['holdout_macs_ratio']:.4f} of the dense MACs (budget "
               f"{budget:.4g}); adaptive model {summary['adaptive']}")
     elif int(os.environ.get("RANK", "0")) == 0:
         print(f"selector in {summary['out']}: paused at update {summary['update']}/{summary['updates']}; continue "
               "with --resume")
+
+
+def _budget_range(text: str) -> tuple[float, float]:
+    """``LOW,HIGH`` from the command line, checked (both budgets in (0, 1], LOW < HIGH)."""
+    from prance.selector.budget import check_budget_range
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise PranceError(f"--budget-range {text!r} must be two fractions LOW,HIGH, e.g. --budget-range 0.3,0.8")
+    return check_budget_range(values)

@@ -11,6 +11,15 @@ After the last update the deterministic selector is calibrated on the holdout so
 mean MACs (selector included) land on the budget, and the run writes ``adaptive.pt`` (an
 :class:`~prance.adaptive.AdaptiveViT` file) and ``curves.png``.
 
+One selector for many budgets (``budget_range``): every trajectory (image) draws its budget
+uniformly from the range, shown to the policy in its state; λ is piecewise linear in the
+budget with one multiplier per budget bin (``budget_bins`` knots evenly spaced over the range,
+ends included, see :class:`~prance.selector.budget.DualAscent`). Uniform draws rather than the
+knots alone, so the policy meets every budget it will be asked for. Calibration then sets the
+knob at each knot and joins them into the knob curve of the calibration record; the holdout
+mean at the midpoints between knots is measured and recorded too (how well the curve
+interpolates).
+
 The run folder, log, settings check, exact resume and DDP are those of every training
 command (:mod:`prance.training.run`). Under ``torchrun`` every rank rolls out its own shard
 of images; PPO gradients and the budget's mean cost are averaged across ranks, so all ranks
@@ -43,7 +52,8 @@ from prance.engine import DynamicExecutor
 from prance.errors import PranceError
 from prance.files import atomic_write
 from prance.model.metavit import MetaViT
-from prance.selector.budget import Calibration, DualAscent, calibrate, check_budget
+from prance.selector.budget import (Calibration, DualAscent, budget_knots, calibrate, calibrate_range, check_budget,
+                                    check_budget_range)
 from prance.selector.ppo import PPOConfig, Rollout, ppo_update
 from prance.selector.reward import step_reward
 from prance.selector.selector import Sampled, Selector, SelectorConfig
@@ -86,9 +96,18 @@ class SelectorTrainConfig:
     checkpoint_every: int = 25  # write last.pt every this many updates
     data: str = "fashion-mnist"
     data_dir: str | None = None
+    budget_range: tuple[float, float] | None = None  # one selector for every budget in [low, high]; `budget`
+    # is then where the written adaptive model starts
+    budget_bins: int = 6  # with budget_range: λ knots and calibration points evenly spaced over it, ends included
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+        if self.budget_range is not None:
+            self.budget_range = check_budget_range(self.budget_range)
+            budget_knots(self.budget_range, self.budget_bins)  # checks the bin count
+            if not self.budget_range[0] <= self.budget <= self.budget_range[1]:
+                raise PranceError(f"budget {self.budget} (where adaptive.pt starts) must lie in the budget range "
+                                  f"{self.budget_range[0]},{self.budget_range[1]}")
         PPOConfig(**self.ppo)  # checks the PPO fields
         SelectorConfig(encoder=self.encoder, hidden=self.hidden)
         if self.updates < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
@@ -98,6 +117,18 @@ class SelectorTrainConfig:
 
     def ppo_config(self) -> PPOConfig:
         return PPOConfig(**self.ppo)
+
+    def knots(self) -> list[float]:
+        """The budgets λ is learned at and the knob calibrated at: the bins of the range, or the one budget."""
+        return [self.budget] if self.budget_range is None else budget_knots(self.budget_range, self.budget_bins)
+
+    def budgets(self, update: int, rank: int) -> torch.Tensor:
+        """``[batch_size]`` float64 budgets of one rollout's trajectories (uniform draws over a range)."""
+        if self.budget_range is None:
+            return torch.full((self.batch_size,), self.budget, dtype=torch.float64)
+        low, high = self.budget_range
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, update, rank, 2))
+        return low + (high - low) * torch.rand(self.batch_size, generator=gen, dtype=torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,11 +186,12 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     # --- the selector, its optimiser and λ
     torch.manual_seed(cfg.seed)
     selector = Selector(model.config, model.space, SelectorConfig(encoder=cfg.encoder, hidden=cfg.hidden,
-                                                                   mlp_per_stage=cfg.mlp_per_stage, budget=cfg.budget))
+                                                                   mlp_per_stage=cfg.mlp_per_stage, budget=cfg.budget,
+                                                                   budget_range=cfg.budget_range))
     selector.to(ctx.device)
     ppo = cfg.ppo_config()
     optimizer = torch.optim.Adam(selector.agent.parameters(), lr=ppo.lr, eps=1e-5)
-    dual = DualAscent([cfg.budget], lr=cfg.lam_lr, init=cfg.lam_init)
+    dual = DualAscent(cfg.knots(), lr=cfg.lam_lr, init=cfg.lam_init)
     update = 0
     if resume_from is not None:
         state = resume_from["train_state"]
@@ -183,12 +215,12 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
                          holdout_images=len(splits.holdout), dense_macs=dense_macs, selector_macs=selector_macs,
                          config=args, split=split)
     if not bool(selector.norm.fitted):  # on the first batch of the run, whatever update it starts at
-        selector.fit_features(_states(engine, selector, next(_batches(splits.train, cfg, ctx, 0))[0], cfg.budget))
+        selector.fit_features(_states(engine, selector, next(_batches(splits.train, cfg, ctx, 0))[0],
+                                      cfg.budgets(0, 0)))
         if ctx.distributed:  # every rank standardises as rank 0 does (that is what is saved and deployed)
             for t in (selector.norm.mean, selector.norm.std):
                 dist.broadcast(t, src=0)
     batches = _batches(splits.train, cfg, ctx, update)
-    budget = torch.full((cfg.batch_size,), cfg.budget, dtype=torch.float64)
 
     def save(name: str) -> None:
         if not ctx.is_main:
@@ -206,8 +238,8 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
         order_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, update, ctx.rank, 1))
         images, labels = next(batches)
         record = selector_update(engine, selector, optimizer, dual, images.to(ctx.device), labels.to(ctx.device),
-                                 budget, ppo=ppo, keep_penalty=cfg.keep_penalty, progress=update / cfg.updates,
-                                 act_gen=act_gen, order_gen=order_gen, ctx=ctx)
+                                 cfg.budgets(update, ctx.rank), ppo=ppo, keep_penalty=cfg.keep_penalty,
+                                 progress=update / cfg.updates, act_gen=act_gen, order_gen=order_gen, ctx=ctx)
         update += 1
         if ctx.is_main:
             record["charts/seconds"] = time.perf_counter() - start
@@ -215,7 +247,8 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
             if update % 10 == 0 or update == cfg.updates:
                 say(f"update {update}/{cfg.updates}  return {record['charts/return']:.3f}  top-1 "
                     f"{record['charts/top1']:.1f}% (dense {record['charts/dense_top1']:.1f}%)  MACs "
-                    f"{record['charts/macs_ratio']:.3f} (budget {cfg.budget})  λ {record['charts/lambda']:.3f}")
+                    f"{record['charts/macs_ratio']:.3f} (budget {record['charts/budget']:.3f})  λ "
+                    f"{record['charts/lambda']:.3f}")
         if update % cfg.checkpoint_every == 0 or update == cfg.updates or update == stop_at:
             save(LAST)
             ctx.barrier()
@@ -223,20 +256,32 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     summary: dict[str, Any] = {"out": str(folder.path), "update": update, "updates": cfg.updates,
                                "complete": update == cfg.updates, "last": str(folder.path / LAST)}
     if update == cfg.updates and ctx.is_main:
-        # --- calibration on the holdout: the deployed (deterministic) selector's mean MACs onto the budget
-        cal, holdout_top1 = calibrate_on(engine, selector, splits.holdout, cfg.budget, dense_macs, ctx.device)
-        adaptive = AdaptiveViT(model, selector.eval(), cfg.budget,
-                               calibration={"knob": cal.knob, "holdout_macs_ratio": cal.macs_ratio,
-                                            "holdout_top1": holdout_top1, "holdout_images": len(splits.holdout),
-                                            "iterations": cal.iterations}, split=split)
-        adaptive.save(folder.path / ADAPTIVE, metrics={"holdout_top1": holdout_top1,
-                                                      "holdout_macs_ratio": cal.macs_ratio})
+        # --- calibration on the holdout: the deployed (deterministic) selector's mean MACs onto the budget(s)
+        if cfg.budget_range is None:
+            cal, holdout_top1 = calibrate_on(engine, selector, splits.holdout, cfg.budget, dense_macs, ctx.device)
+            calibration = {"knob": cal.knob, "holdout_macs_ratio": cal.macs_ratio, "holdout_top1": holdout_top1,
+                           "holdout_images": len(splits.holdout), "iterations": cal.iterations}
+            said = [f"calibrated on {len(splits.holdout)} held-out images: knob {cal.knob:+.4f}, MACs "
+                    f"{cal.macs_ratio:.4f} of dense (budget {cfg.budget}), top-1 {holdout_top1:.2f}%; wrote "
+                    f"{folder.path / ADAPTIVE}"]
+        else:  # the knob at every budget bin, a curve between them, checked at the midpoints
+            calibration = calibrate_range_on(engine, selector, splits.holdout, cfg.knots(), cfg.budget, dense_macs,
+                                             ctx.device)
+            said = [f"calibrated on {len(splits.holdout)} held-out images at {len(cfg.knots())} budgets:"]
+            said += [f"  budget {p['budget']:.4f}: MACs {p['holdout_macs_ratio']:.4f} of dense, top-1 "
+                     f"{p['holdout_top1']:.2f}%, knob {p['knob']:+.4f}{'' if p['calibrated'] else ' (between)'}"
+                     for p in calibration["points"]]
+            said += [f"wrote {folder.path / ADAPTIVE} (budgets {cfg.budget_range[0]:g} to {cfg.budget_range[1]:g}, "
+                     f"starts at {cfg.budget:g})"]
+        adaptive = AdaptiveViT(model, selector.eval(), cfg.budget, calibration=calibration, split=split)
+        metrics = {k: calibration[k] for k in ("holdout_top1", "holdout_macs_ratio")}
+        adaptive.save(folder.path / ADAPTIVE, metrics=metrics)
         plot_curves(folder.path / LOG, folder.path / CURVES)
         folder.log.write(event="end", update=update, calibration=adaptive.calibration)
-        say(f"calibrated on {len(splits.holdout)} held-out images: knob {cal.knob:+.4f}, MACs {cal.macs_ratio:.4f} "
-            f"of dense (budget {cfg.budget}), top-1 {holdout_top1:.2f}%; wrote {folder.path / ADAPTIVE}")
-        summary.update(adaptive=str(folder.path / ADAPTIVE), holdout_top1=holdout_top1,
-                       holdout_macs_ratio=cal.macs_ratio, knob=cal.knob)
+        for line in said:
+            say(line)
+        summary.update(adaptive=str(folder.path / ADAPTIVE), **metrics,
+                       **{k: calibration[k] for k in ("knob", "points") if k in calibration})
     return summary
 
 
@@ -249,8 +294,9 @@ def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torc
 
     The selector samples every stage in a Result-to-Go rollout on the engine's (current)
     meta-network, each step is rewarded at λ of its image's ``budget`` ``[B]``, PPO runs on
-    the ``[3, B]`` buffer (dropped afterwards), then λ takes one dual step with the decided
-    runs' mean MACs. Train-selector and joint fine-tuning (``--alternate``) both call it.
+    the ``[3, B]`` buffer (dropped afterwards), then λ takes one dual step per budget bin with
+    the decided runs' MACs (summed over processes). Train-selector and joint fine-tuning
+    (``--alternate``) both call it.
     """
     model = engine.model
     dense_macs = float(macs_per_sample(model.config, model.full_plan)[0])
@@ -268,7 +314,8 @@ def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torc
     stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=progress, generator=order_gen,
                        after_backward=(lambda: _average_grads(selector, ctx)) if ctx.distributed else None)
     final_ratio = (rollout.final.macs.double() + selector_macs) / dense_macs
-    dual.update(budget, _global_mean(final_ratio.to(images.device), ctx).cpu().expand(len(budget)))
+    moments = _global_sum(dual.moments(budget, final_ratio).to(images.device), ctx).cpu()
+    dual.step(moments)
 
     # --- what is logged (CleanRL's grouped names)
     final_plan = rollout.final.plan
@@ -285,7 +332,19 @@ def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torc
         **{f"charts/tokens_stage{s}": float(v) for s, v in
            enumerate(token_fractions(model.config, final_plan).mean(0).tolist())},
         **stats,
+        **(_bin_record(dual, moments) if len(dual.budgets) > 1 else {}),
     }
+
+
+def _bin_record(dual: DualAscent, moments: torch.Tensor) -> dict[str, float]:
+    """Per budget bin: this rollout's (hat-weighted) mean MACs ratio and budget, and the bin's λ after the step."""
+    out: dict[str, float] = {}
+    for k, knot in enumerate(dual.budgets.tolist()):
+        weight, cost, budget = moments[:, k].tolist()
+        out[f"bins/lambda@{knot:.4g}"] = float(dual.lam[k])
+        if weight > 0:
+            out[f"bins/macs_ratio@{knot:.4g}"], out[f"bins/budget@{knot:.4g}"] = cost / weight, budget / weight
+    return out
 
 
 def stage_kept(config: Any, plan: Any, stage: int) -> torch.Tensor:
@@ -316,7 +375,7 @@ def _batches(train_set: Dataset, cfg: SelectorTrainConfig, ctx: DistContext, upd
         epoch, in_epoch = epoch + 1, 0
 
 
-def _states(engine: DynamicExecutor, selector: Selector, images: torch.Tensor, budget: float) -> list:
+def _states(engine: DynamicExecutor, selector: Selector, images: torch.Tensor, budget: torch.Tensor) -> list:
     """The states the (untrained) selector meets on ``images``: what feature standardisation is fitted to."""
     states: list = []
     gen = torch.Generator(device=selector.knob.device).manual_seed(0)
@@ -336,13 +395,11 @@ def _average_grads(selector: Selector, ctx: DistContext) -> None:
             p.grad /= ctx.world_size
 
 
-def _global_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Mean over every rank's ``values`` (equal counts per rank)."""
-    mean = values.mean().reshape(1)
+def _global_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``values`` added up (they are sums over each rank's images)."""
     if ctx.distributed:
-        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-        mean /= ctx.world_size
-    return mean
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 @torch.no_grad()
@@ -357,14 +414,20 @@ def deployed_ratio(engine: DynamicExecutor, selector: Selector, images: list[tor
     return float(torch.cat(macs).mean()) / dense_macs, torch.cat(logits)
 
 
+def _holdout_batches(holdout: Dataset, device: torch.device, batch_size: int
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The holdout's images in batches on ``device`` (read once, run many times), and all its labels."""
+    images, labels = [], []
+    for x, y in DataLoader(holdout, batch_size=batch_size, shuffle=False):
+        images.append(x.to(device))
+        labels.append(y.to(device))
+    return images, torch.cat(labels)
+
+
 def calibrate_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, budget: float, dense_macs: float,
                  device: torch.device, batch_size: int = 256) -> tuple[Calibration, float]:
     """Set the selector's knob so its mean MACs on ``holdout`` meet ``budget``; returns it and the top-1 there."""
-    loader = DataLoader(holdout, batch_size=batch_size, shuffle=False)
-    images, labels = [], []
-    for x, y in loader:
-        images.append(x.to(device))
-        labels.append(y.to(device))
+    images, labels = _holdout_batches(holdout, device, batch_size)
 
     def ratio_at(knob: float) -> float:
         selector.knob.fill_(knob)
@@ -373,8 +436,41 @@ def calibrate_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, 
     cal = calibrate(ratio_at, budget, tolerance=0.005 * budget)
     selector.knob.fill_(cal.knob)
     ratio, logits = deployed_ratio(engine, selector, images, budget, dense_macs)
-    top1 = 100.0 * float((logits.argmax(-1) == torch.cat(labels)).float().mean())
+    top1 = 100.0 * float((logits.argmax(-1) == labels).float().mean())
     return Calibration(cal.knob, ratio, cal.iterations), top1
+
+
+def calibrate_range_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, knots: list[float],
+                       budget: float, dense_macs: float, device: torch.device, batch_size: int = 256
+                       ) -> dict[str, Any]:
+    """Calibrate the knob at every knot on ``holdout`` and set the selector's knob curve through them.
+
+    Returns the calibration record: the curve, and per point (the knots, the midpoints between
+    them and ``budget``) the knob, holdout mean MACs ratio and top-1 of the deployed selector;
+    ``holdout_macs_ratio`` / ``holdout_top1`` at the top level are those at ``budget``."""
+    images, labels = _holdout_batches(holdout, device, batch_size)
+    selector.knob_curve = None
+    selector.knob.zero_()
+
+    def ratio_at(b: float, knob: float) -> float:
+        selector.knob.fill_(knob)
+        return deployed_ratio(engine, selector, images, b, dense_macs)[0]
+
+    curve, cals = calibrate_range(ratio_at, knots)
+    selector.knob.zero_()
+    selector.knob_curve = curve
+    between = [0.5 * (a + b) for a, b in zip(knots, knots[1:])]
+    budgets = sorted([*knots, *between, *([] if any(math.isclose(budget, b) for b in knots + between) else [budget])])
+    points = []
+    for b in budgets:
+        ratio, logits = deployed_ratio(engine, selector, images, b, dense_macs)
+        points.append({"budget": b, "knob": float(curve(torch.tensor([b], dtype=torch.float64))[0]),
+                       "holdout_macs_ratio": ratio, "calibrated": b in knots,
+                       "holdout_top1": 100.0 * float((logits.argmax(-1) == labels).float().mean())})
+    at = min(points, key=lambda p: abs(p["budget"] - budget))
+    return {"knob_curve": curve.to_dict(), "points": points, "holdout_macs_ratio": at["holdout_macs_ratio"],
+            "holdout_top1": at["holdout_top1"], "holdout_images": len(labels),
+            "iterations": sum(c.iterations for c in cals)}
 
 
 def plot_curves(log_path: Path, out: Path) -> Path:
@@ -391,11 +487,19 @@ def plot_curves(log_path: Path, out: Path) -> Path:
               ("kept tokens", sorted(k for k in (rows[0] if rows else {}) if k.startswith("charts/tokens_stage"))),
               ("approx KL", ["losses/approx_kl"]), ("clip fraction", ["losses/clipfrac"]),
               ("explained variance", ["losses/explained_variance"])]
+    knots = sorted({k.split("@")[1] for k in (rows[-1] if rows else {}) if k.startswith("bins/")}, key=float)
+    if knots:  # a budget range: each bin's cost against its budget, and its λ
+        panels[2:4] = [("MACs / dense per budget bin (dashed: budget)",
+                        [f"bins/macs_ratio@{b}" for b in knots] + [f"bins/budget@{b}" for b in knots]),
+                       ("λ per budget bin", [f"bins/lambda@{b}" for b in knots])]
     fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
     x = [r["update"] for r in rows]
     for ax, (title, keys) in zip(axes.flat, panels):
-        for k in keys:
-            ax.plot(x, [r.get(k, math.nan) for r in rows], label=k.split("/")[-1])
+        for i, k in enumerate(keys):
+            dashed = k.startswith("bins/budget@")
+            ax.plot(x, [r.get(k, math.nan) for r in rows], "--" if dashed else "-",
+                    color=f"C{i % len(knots)}" if k.startswith("bins/") else None,
+                    label=None if dashed else k.split("/")[-1])
         ax.set_title(title)
         ax.set_xlabel("update")
         if len(keys) > 1:
@@ -407,5 +511,5 @@ def plot_curves(log_path: Path, out: Path) -> Path:
     return out
 
 
-__all__ = ["ADAPTIVE", "CURVES", "KIND", "SelectorTrainConfig", "calibrate_on", "deployed_ratio", "plot_curves",
-           "selector_update", "train_selector"]
+__all__ = ["ADAPTIVE", "CURVES", "KIND", "SelectorTrainConfig", "calibrate_on", "calibrate_range_on", "deployed_ratio",
+           "plot_curves", "selector_update", "train_selector"]

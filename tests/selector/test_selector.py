@@ -71,7 +71,7 @@ def test_selector_macs_match_the_flop_counter():
 
 
 def test_the_budget_is_the_last_feature_standardised_by_its_range():
-    """Uniform budgets in [0.3, 0.8] map to zero mean and unit variance: the ends to ∓√3, whatever batch was fitted."""
+    """Uniform budgets in [0.3, 0.8] map to zero mean and unit variance (the ends to ∓√3), whatever was fitted."""
     from prance.model import MetaViT
 
     torch.manual_seed(0)

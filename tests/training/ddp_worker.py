@@ -32,7 +32,7 @@ def _keep_rank_weights(ranks_dir: Path):
 
 def _keep_rank_selector(ranks_dir: Path):
     """After every PPO update (and dual step), each rank writes its selector weights and λ."""
-    update, dual_update = selector_training.ppo_update, DualAscent.update
+    update, dual_step = selector_training.ppo_update, DualAscent.step
     held: dict[str, torch.Tensor] = {}
 
     def save() -> None:
@@ -45,11 +45,11 @@ def _keep_rank_selector(ranks_dir: Path):
         return stats
 
     def dual(self, *args, **kwargs):
-        dual_update(self, *args, **kwargs)
+        dual_step(self, *args, **kwargs)
         held["lam"] = self.lam.clone()
         save()
 
-    selector_training.ppo_update, DualAscent.update = ppo, dual
+    selector_training.ppo_update, DualAscent.step = ppo, dual
 
 
 if __name__ == "__main__":
