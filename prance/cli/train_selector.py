@@ -38,6 +38,12 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="images per rollout and process (default 128)")
     p.add_argument("--hidden", type=int, default=128, help="selector MLP width (default 128)")
     p.add_argument("--mlp-per-stage", action="store_true", help="one MLP ratio per stage instead of per block")
+    p.add_argument("--keep-grid", type=float, default=None,
+                   help="raise the selector's keep ratios to multiples of this step (e.g. 0.125; a multiple of the "
+                        "meta-network's keep grid): fewer distinct token counts, larger groups in the engine")
+    p.add_argument("--round-up", type=int, default=None, metavar="K",
+                   help="round every stage decision up to one of K learned on the holdout (never less compute), "
+                        "calibrated so; fewer distinct plans (default: off; also `prance round-up` afterwards)")
     p.add_argument("--keep-penalty", type=float, default=0.01, help="penalty on kept tokens (default 0.01)")
     p.add_argument("--lr", type=float, default=3e-4, help="PPO Adam learning rate (default 3e-4)")
     p.add_argument("--limit", type=int, default=None, help="roll out on a random subset of this many training images")
@@ -60,7 +66,7 @@ def command(args: argparse.Namespace) -> None:
     from prance.training.selector import SelectorTrainConfig, train_selector
 
     for flag in ("updates", "batch_size", "hidden", "lr", "limit", "holdout_limit", "checkpoint_every", "gmacs",
-                 "budget_bins"):
+                 "budget_bins", "keep_grid", "round_up"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     budget_range = None if args.budget_range is None else _budget_range(args.budget_range)
     if args.budget_bins is not None and budget_range is None:
@@ -79,6 +85,7 @@ def command(args: argparse.Namespace) -> None:
     out = check_writable_dir(args.out)
     cfg = SelectorTrainConfig(budget=budget, updates=args.updates, batch_size=args.batch_size, encoder=args.encoder,
                               hidden=args.hidden, mlp_per_stage=args.mlp_per_stage, keep_penalty=args.keep_penalty,
+                              keep_grid=args.keep_grid or 0.0, round_up=args.round_up or 0,
                               ppo={"lr": args.lr}, seed=args.seed, limit=args.limit, holdout_limit=args.holdout_limit,
                               checkpoint_every=args.checkpoint_every, data=trained.data or "fashion-mnist",
                               data_dir=args.data_dir or trained.data_dir, budget_range=budget_range,

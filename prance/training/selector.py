@@ -58,6 +58,7 @@ from prance.selector.ppo import PPOConfig, Rollout, ppo_update
 from prance.selector.reward import step_reward
 from prance.selector.selector import Sampled, Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+from prance.training.round_up import calibrate_with_round_up
 from prance.training.run import (
     LAST,
     LOG,
@@ -86,6 +87,8 @@ class SelectorTrainConfig:
     encoder: str = "keys"  # state encoder: "keys" (the paper's) or "cls"
     hidden: int = 128  # selector MLP width
     mlp_per_stage: bool = False  # one MLP ratio per stage instead of per block
+    keep_grid: float = 0.0  # the selector's keep ratios raised to multiples of this (0: the search space's grid)
+    round_up: int = 0  # > 0: every stage decision rounded up to one of this many representatives (calibrated so)
     keep_penalty: float = 0.01  # small penalty on the fraction of tokens a stage keeps
     lam_lr: float = 0.5  # dual-ascent step size of λ
     lam_init: float = 0.5  # λ at the start
@@ -114,6 +117,12 @@ class SelectorTrainConfig:
             raise PranceError("updates and checkpoint_every must be >= 1 and batch_size >= 2; fix the value")
         if self.keep_penalty < 0 or self.lam_lr <= 0 or self.lam_init < 0:
             raise PranceError("keep_penalty and lam_init must be >= 0 and lam_lr > 0; fix the value")
+        if not 0 <= self.keep_grid <= 1 or self.round_up < 0:
+            raise PranceError(f"keep_grid {self.keep_grid} must be in [0, 1] and round_up {self.round_up} >= 0 "
+                              "(0: off); fix the value")
+        if self.round_up and self.budget_range is not None:
+            raise PranceError("round-up is calibrated at one budget; drop it for a --budget-range selector (or round "
+                              "up a selector of one budget)")
 
     def ppo_config(self) -> PPOConfig:
         return PPOConfig(**self.ppo)
@@ -140,7 +149,7 @@ class SelectorTrainConfig:
 
 
 #: Settings that may change when a run is resumed.
-RESUMABLE_CHANGES = ("updates", "checkpoint_every", "holdout_limit", "data_dir")
+RESUMABLE_CHANGES = ("updates", "checkpoint_every", "holdout_limit", "data_dir", "round_up")
 
 
 def train_selector(
@@ -187,7 +196,8 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     torch.manual_seed(cfg.seed)
     selector = Selector(model.config, model.space, SelectorConfig(encoder=cfg.encoder, hidden=cfg.hidden,
                                                                    mlp_per_stage=cfg.mlp_per_stage, budget=cfg.budget,
-                                                                   budget_range=cfg.budget_range))
+                                                                   budget_range=cfg.budget_range,
+                                                                   keep_grid=cfg.keep_grid))
     selector.to(ctx.device)
     ppo = cfg.ppo_config()
     optimizer = torch.optim.Adam(selector.agent.parameters(), lr=ppo.lr, eps=1e-5)
@@ -274,6 +284,11 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
             said += [f"wrote {folder.path / ADAPTIVE} (budgets {cfg.budget_range[0]:g} to {cfg.budget_range[1]:g}, "
                      f"starts at {cfg.budget:g})"]
         adaptive = AdaptiveViT(model, selector.eval(), cfg.budget, calibration=calibration, split=split)
+        if cfg.round_up:  # calibrated again with every stage decision rounded up to one of K (DESIGN.md §5)
+            calibration = calibrate_with_round_up(adaptive, splits.holdout, cfg.round_up)
+            said.append(f"  rounded up to {cfg.round_up} decisions per stage and calibrated again: knob "
+                        f"{calibration['knob']:+.4f}, MACs {calibration['holdout_macs_ratio']:.4f} of dense, top-1 "
+                        f"{calibration['holdout_top1']:.2f}%")
         metrics = {k: calibration[k] for k in ("holdout_top1", "holdout_macs_ratio")}
         adaptive.save(folder.path / ADAPTIVE, metrics=metrics)
         plot_curves(folder.path / LOG, folder.path / CURVES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,48 @@ from prance.adaptive import AdaptiveViT
 from prance.cli import main
 from prance.data.splits import Holdout, holdout_set
 from prance.selector.representatives import stage_decisions
-from prance.training.selector import train_selector
 from tests.conftest import cli_error
-from tests.training.test_selector_training import _cfg, _meta
+from tests.training.test_selector_training import _meta
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
+def _train_argv(meta: Path, out: Path, fmnist_dir: str, *extra: str) -> list[str]:
+    """train-selector with two of the levers (one MLP ratio per stage, keep ratios on a 0.25 grid), budget 0.6."""
+    return ["train-selector", "--meta", str(meta), "--budget", "0.6", "--updates", "3", "--batch-size", "16",
+            "--hidden", "16", "--limit", "128", "--holdout-limit", "64", "--data-dir", fmnist_dir, "--threads", "1",
+            "--mlp-per-stage", "--keep-grid", "0.25", "--out", str(out), *extra]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: str) -> Path:
-    """A selector trained for a few updates on real images (budget 0.6), its adaptive.pt."""
+    """A selector trained for a few updates on real images, its adaptive.pt (next to meta.pt)."""
     tmp = tmp_path_factory.mktemp("selector")
     torch.set_num_threads(1)
-    train_selector(_meta(tmp), _cfg(fmnist_dir, updates=3, mlp_per_stage=True), tmp / "sel", verbose=False)
+    assert main(_train_argv(_meta(tmp), tmp / "sel", fmnist_dir)) == 0
     return tmp / "sel" / "adaptive.pt"
+
+
+def test_train_selector_levers_reach_the_written_model_and_round_up_recalibrates_it(trained: Path, tmp_path: Path,
+                                                                                  fmnist_dir: str):
+    plain = AdaptiveViT.load(trained)
+    assert plain.selector.cfg.mlp_per_stage and plain.selector.cfg.keep_grid == 0.25
+    assert plain.representatives is None
+    # --round-up on the finished run (a resume that only calibrates again) writes a rounded, recalibrated model.
+    run = tmp_path / "sel"
+    shutil.copytree(trained.parent, run)
+    assert main(_train_argv(trained.parent.parent / "meta.pt", run, fmnist_dir, "--resume", "--round-up", "2")) == 0
+    rounded = AdaptiveViT.load(run / "adaptive.pt")
+    assert rounded.representatives.k == 2 and rounded.calibration["round_up"] == 2
+    assert abs(rounded.calibration["holdout_macs_ratio"] - 0.6) <= 0.05 * 0.6, rounded.calibration
+    held = holdout_set("fashion-mnist", img_size=28, in_chans=1, holdout=Holdout(), root=fmnist_dir, limit=64)
+    rounded(torch.stack([held[i][0] for i in range(len(held))]))
+    plan, cfg = rounded.last.plan, rounded.model.config
+    k = cfg.stage_depth
+    for s in range(1, cfg.num_stages):
+        assert len(stage_decisions(cfg, plan, s).unique(dim=0)) <= 2
+        assert bool((plan.mlp_ratios[:, s * k : (s + 1) * k] == plan.mlp_ratios[:, s * k : s * k + 1]).all())
+        assert set(plan.merge_keep[:, s].tolist()) <= {0.25, 0.5, 0.75, 1.0}
 
 
 def test_round_up_writes_a_recalibrated_model_whose_rounded_mean_lands_on_the_budget(trained: Path, tmp_path: Path,
