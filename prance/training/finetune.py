@@ -363,9 +363,10 @@ def load_adaptive(path: str | os.PathLike[str]) -> tuple[AdaptiveViT, dict[str, 
     ckpt = load_checkpoint(path, kind=SELECTOR_KINDS)
     adaptive = AdaptiveViT.from_checkpoint(ckpt, path)
     require_trained_for(ckpt, path, space=adaptive.model.space)
-    if adaptive.budget is None:
-        raise PranceError(f"{path} records no budget; give the adaptive.pt written by `prance train-selector`")
-    if getattr(adaptive.selector.cfg, "budget_range", None):
+    if adaptive.representatives is not None:
+        raise PranceError(f"{path} rounds its decisions up to representatives; fine-tune the adaptive model they "
+                          "were learned for, then run `prance round-up` on the result")
+    if adaptive.selector.cfg.budget_range is not None:
         raise PranceError(f"{path} holds a selector for a budget range; fine-tune a selector trained for one "
                           "budget (train-selector --budget B)")
     return adaptive, ckpt
