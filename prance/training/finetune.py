@@ -242,7 +242,7 @@ class JointTask(_Finetune):
                  progress: bool | None = None) -> None:
         super().__init__(model, teacher, holdout, cfg, ctx, progress)
         if cfg.alternate and selector_training is None:
-            raise PranceError("--alternate needs the selector's PPO settings; this is a bug")
+            raise ValueError("alternate > 0 needs selector_training (PPO settings, optimiser, λ)")
         self.selector = selector.to(ctx.device).eval()
         self.budget = float(budget)
         self.selector_training = selector_training
