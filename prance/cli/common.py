@@ -40,6 +40,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "own, for its own data set)")
 
 
+def add_run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--resume`` and ``--overwrite`` of every training command (one run folder each)."""
+    p.add_argument("--out", required=True, help="run folder (created if missing)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from prance.cli.common import add_device_argument, check_positive, set_threads
+from prance.cli.common import add_device_argument, add_run_folder_arguments, check_positive, set_threads
 from prance.errors import PranceError
 from prance.files import check_writable_dir
 
@@ -45,9 +45,7 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also write last.pt every N steps (default: at epoch ends)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--out", required=True, help="run folder (created if missing)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    add_run_folder_arguments(p)
     add_device_argument(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=command)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prance.cli.common import check_data_flag, check_holdout, check_positive, set_threads
+from prance.cli.common import add_run_folder_arguments, check_data_flag, check_holdout, check_positive, set_threads
 from prance.errors import PranceError
 from prance.files import check_writable_dir
 
@@ -32,9 +32,7 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="fraction of the training split held out for every choice, never trained on (default 0.1)")
     t.add_argument("--holdout-seed", type=int, default=None, help="which images are held out (default 0)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    t.add_argument("--out", required=True, help="run folder (created if missing)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    t.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    add_run_folder_arguments(t)
     t.add_argument("--init", default=None, metavar="[timm:]PATH",
                    help="start from a local timm/DeiT .pth (its shape replaces the preset's)")
     t.add_argument("--img-size", type=int, default=None, help="override the preset's image size")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prance.cli.common import check_holdout, check_positive, set_threads
+from prance.cli.common import add_run_folder_arguments, check_holdout, check_positive, set_threads
 from prance.config import TOKEN_MODES
 from prance.errors import PranceError
 from prance.files import check_writable_dir
@@ -61,9 +61,7 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="which images are held out (default: the --init checkpoint's, else 0)")
     m.add_argument("--val-limit", type=int, default=None, help="validate on at most this many held-out images")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    m.add_argument("--out", required=True, help="run folder (created if missing)")
-    m.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    m.add_argument("--overwrite", action="store_true", help="start over in a folder that already holds a run")
+    add_run_folder_arguments(m)
     m.add_argument("--checkpoint-every", type=int, default=0, help="also save last.pt every N steps (default: epochs)")
     m.add_argument("--log-every", type=int, default=20, help="log.jsonl line every N steps (default 20)")
     m.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (under torchrun: each rank's GPU)")
