@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from prance.cli.common import (add_data_arguments, add_device_argument, check_data_flag, check_positive, load_model,
-                               set_threads)
+from prance.cli.common import add_data_arguments, add_device_argument, check_data_flag, check_positive, set_threads
 from prance.errors import PranceError
 from prance.files import check_writable_dir
-
-if TYPE_CHECKING:
-    from prance.model.metavit import MetaViT
 
 
 def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
@@ -50,36 +46,18 @@ def command(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     out = check_writable_dir(args.out)
 
-    from prance.accounting import count_macs
-    from prance.data.provenance import check_same_classes, data_source, trained_on
-    from prance.devices import resolve_device
-    from prance.evaluation.sweep import format_table, run_sweep, sweep_data
-    from prance.training.run import pipeline_holdout
+    from prance.evaluation.sweep import format_table, sweep_checkpoint
 
-    device = resolve_device(args.device)
-    ckpt, model = load_model(args.checkpoint, device)
-    dense_gmacs = count_macs(model) / 1e9
-    if args.budget_gmacs is not None and args.budget_gmacs > dense_gmacs:
-        raise PranceError(f"--budget-gmacs {args.budget_gmacs} is above the full network's {dense_gmacs:.4f} "
-                          "GMACs; give a budget in GMACs (1e9 MACs) at most that large")
-    compare: dict[str, tuple[str, dict[str, Any], MetaViT]] = {}
+    compare: dict[str, str] = {}
     for item in args.compare:
         label, sep, path = item.partition("=")
         if not sep or not label:
             raise PranceError(f"--compare {item!r}: use LABEL=PATH, e.g. dense=runs/dense/best.pt")
-        compare[label] = (path, *load_model(path, device))
-    origin = trained_on(ckpt)
-    data, data_dir = data_source(origin, args.data, args.data_dir)
-    holdout = pipeline_holdout(data, {"--checkpoint": args.checkpoint}, args.holdout)  # the run's own
-    sets = sweep_data(model.config, data=data, data_dir=data_dir, holdout=holdout, holdout_limit=args.holdout_limit,
-                      test_limit=args.test_limit, with_test=not args.no_test)
-    check_same_classes(origin, sets.holdout.info, args.checkpoint, data_dir)
-    for path, other_ckpt, _ in compare.values():
-        check_same_classes(trained_on(other_ckpt), sets.holdout.info, path, data_dir)
-    result = run_sweep(model, sets, out, budget_gmacs=args.budget_gmacs, count=args.count, seed=args.seed,
-                       batch_size=args.batch_size, compare={k: m for k, (_, _, m) in compare.items()}, progress=None,
-                       meta={"checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "holdout": holdout.fraction,
-                             "holdout_seed": holdout.seed, "data": data, "device": str(device)})
+        compare[label] = path
+    result = sweep_checkpoint(args.checkpoint, out, compare=compare, data=args.data, data_dir=args.data_dir,
+                              holdout=args.holdout, holdout_limit=args.holdout_limit, test_limit=args.test_limit,
+                              with_test=not args.no_test, budget_gmacs=args.budget_gmacs, count=args.count,
+                              seed=args.seed, batch_size=args.batch_size, device=args.device, progress=None)
     print(format_table(result["rows"]))
     best = result["best"]
     if best is not None:

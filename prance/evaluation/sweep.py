@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,59 @@ def run_sweep(
     return result
 
 
+def sweep_checkpoint(
+    checkpoint: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    compare: Mapping[str, str] | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    holdout: float | None = None,
+    holdout_limit: int | None = None,
+    test_limit: int | None = None,
+    with_test: bool = True,
+    budget_gmacs: float | None = None,
+    count: int = 12,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Everything ``prance sweep`` does with a checkpoint file; returns what it writes to ``sweep.json``.
+
+    The data set is the checkpoint's own (``data`` / ``data_dir`` override it, same classes only),
+    the holdout the one its pipeline recorded, and ``compare`` maps labels to other checkpoints
+    whose same subnets are evaluated on the test split (e.g. ``{"dense": "RUN/dense/best.pt"}``).
+    """
+    from prance.data.provenance import check_same_classes, data_source, trained_on
+    from prance.devices import resolve_device
+    from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from prance.training.run import pipeline_holdout
+
+    device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    dense_gmacs = count_macs(model) / 1e9
+    if budget_gmacs is not None and budget_gmacs > dense_gmacs:
+        raise PranceError(f"--budget-gmacs {budget_gmacs} is above the full network's {dense_gmacs:.4f} "
+                          "GMACs; give a budget in GMACs (1e9 MACs) at most that large")
+    others = {label: (path, load_checkpoint(path)) for label, path in (compare or {}).items()}
+    origin = trained_on(ckpt)
+    data, data_dir = data_source(origin, data, data_dir)
+    held = pipeline_holdout(data, {"--checkpoint": str(checkpoint)}, holdout)  # the run's own
+    sets = sweep_data(model.config, data=data, data_dir=data_dir, holdout=held, holdout_limit=holdout_limit,
+                      test_limit=test_limit, with_test=with_test)
+    check_same_classes(origin, sets.holdout.info, str(checkpoint), data_dir)
+    for path, other in others.values():
+        check_same_classes(trained_on(other), sets.holdout.info, str(path), data_dir)
+    return run_sweep(model, sets, out_dir, budget_gmacs=budget_gmacs, count=count, seed=seed, batch_size=batch_size,
+                     compare={label: model_from_checkpoint(other).to(device).eval()
+                              for label, (_, other) in others.items()},
+                     progress=progress, meta={"checkpoint": str(checkpoint), "kind": ckpt["kind"],
+                                              "holdout": held.fraction, "holdout_seed": held.seed, "data": data,
+                                              "device": str(device)})
+
+
 # ----------------------------------------------------------------------------- output
 def write_plan_yaml(path: Path, name: str, plan: dict[str, list]) -> Path:
     """A plan file for ``prance evaluate --plan PATH`` (see ``plans_from_spec``)."""
@@ -295,6 +348,7 @@ __all__ = [
     "plot_sweep",
     "run_sweep",
     "spread_subnets",
+    "sweep_checkpoint",
     "sweep_data",
     "write_csv",
     "write_plan_yaml",
