@@ -573,6 +573,8 @@ class DynamicExecutor(StepwiseExecutor):
     # ------------------------------------------------------------------ attention
     def _grid(self, groups: list[_Group], b: int, sized: bool) -> _Grid:
         """Sort all images by token count into one grid and cut it into buckets."""
+        for g in groups:  # rows cached for an earlier grid (e.g. a group no reduction touched) are stale here
+            g.grid_rows = None
         counts = _token_counts(groups, b)
         order = counts.sort(stable=True).indices
         slot = torch.empty_like(order)

@@ -165,3 +165,22 @@ def test_plan_with_stage_replaces_only_that_stage(tiny):
     assert mixed.widths[0].tolist() == [cfg.embed_dim, cfg.embed_dim, other.widths[0, 2].item(), cfg.embed_dim]
     assert mixed.mlp_ratios[0, 2 * k : 3 * k].tolist() == other.mlp_ratios[0, 2 * k : 3 * k].tolist()
     assert mixed.mlp_ratios[0, k : 2 * k].tolist() == base.mlp_ratios[0, k : 2 * k].tolist()
+
+
+def test_engine_group_untouched_by_a_reduction_finds_its_new_grid_rows():
+    """Regression: one width group keeps all its tokens while another merges; the next block's
+    attention grid re-sorts the images, so rows cached for the old grid must not be reused
+    (they sent tokens to other images' slots, or past the grid's end)."""
+    torch.manual_seed(2)
+    cfg = tiny_config(depth=8, stage_depth=2)
+    model = MetaViT(cfg, tiny_space(cfg, token_mode="merge", elastic_heads=False)).eval()
+    b = 8
+    wide = torch.arange(b) % 2 == 0  # wide images keep every token, narrow ones merge to a quarter
+    rows = [Plan.uniform(cfg, [32] + [32 if w else 16] * 3, [4.0] * 8, merge_keep=1.0 if w else 0.25) for w in wide]
+    plan = Plan(*(torch.cat([getattr(p, f) for p in rows]) for f in ("widths", "mlp_ratios", "heads", "keep",
+                                                                       "merge_keep")))
+    x = torch.randn(b, 3, 16, 16)
+    with torch.inference_mode():
+        got = DynamicExecutor(model, group_call_macs=0.0)(x, plan)
+        want = model(x, plan, mode="masked")
+    assert (got - want).abs().max() <= 1e-4
