@@ -61,6 +61,15 @@ class ActionSpace:
         if space.token_mode in ("merge", "prune_merge"):
             dims.append(ActionDim("merge_keep", None, space.min_keep))
         self.dims: tuple[ActionDim, ...] = tuple(dims)
+        self._full = Plan.full(config)  # the default base of decoded plans (immutable)
+        # Column-wise decoding tables: choices (padded), their number, keep floors, which columns.
+        widest = max((len(d.choices) for d in dims if d.categorical), default=1)
+        self._table = torch.tensor([list(d.choices) + [0.0] * (widest - len(d.choices)) if d.categorical
+                                    else [0.0] * widest for d in dims], dtype=torch.float64)
+        self._n = torch.tensor([len(d.choices) if d.categorical else 1 for d in dims], dtype=torch.float64)
+        self._low = torch.tensor([d.low for d in dims], dtype=torch.float64)
+        self._is_keep = torch.tensor([not d.categorical for d in dims])
+        self._column = {d.name: j for j, d in enumerate(dims)}
 
     # ------------------------------------------------------------------ sizes the selector needs
     @property
@@ -91,17 +100,17 @@ class ActionSpace:
         if not bool(((a >= 0) & (a <= 1)).all()):
             raise PranceError("raw actions must lie in [0, 1]; squash the selector's outputs (e.g. a sigmoid)")
         cfg, b, k = self.config, a.shape[0], self.config.stage_depth
-        base = (Plan.full(cfg) if base is None else base).expand(b)
+        base = (self._full if base is None else base).expand(b)
         fields = {name: getattr(base, name).clone() for name in ("widths", "mlp_ratios", "heads", "keep", "merge_keep")}
         blocks = slice(stage * k, (stage + 1) * k)
-        value = {d.name: self._value(d, a[:, j]) for j, d in enumerate(self.dims)}
-        fields["widths"][:, stage] = value["width"].to(torch.int64)
-        fields["mlp_ratios"][:, blocks] = (value["mlp_ratio"][:, None].expand(b, k) if self.mlp_per_stage else
-                                           torch.stack([value[f"mlp_ratio[{j}]"] for j in range(k)], 1))
+        value, col = self._values(a), self._column
+        fields["widths"][:, stage] = value[:, col["width"]].to(torch.int64)
+        fields["mlp_ratios"][:, blocks] = (value[:, col["mlp_ratio"], None].expand(b, k) if self.mlp_per_stage else
+                                           value[:, [col[f"mlp_ratio[{j}]"] for j in range(k)]])
         if self.space.elastic_heads:
-            fields["heads"][:, blocks] = torch.stack([value[f"heads[{j}]"] for j in range(k)], 1).to(torch.int64)
-        fields["keep"][:, stage] = value.get("prune_keep", 1.0)
-        fields["merge_keep"][:, stage] = value.get("merge_keep", 1.0)
+            fields["heads"][:, blocks] = value[:, [col[f"heads[{j}]"] for j in range(k)]].to(torch.int64)
+        for name, dim in (("keep", "prune_keep"), ("merge_keep", "merge_keep")):
+            fields[name][:, stage] = value[:, col[dim]] if dim in col else 1.0
         return Plan(**fields)
 
     def encode(self, plan: Plan, stage: int) -> torch.Tensor:
@@ -121,16 +130,18 @@ class ActionSpace:
             entries[f"heads[{j}]"] = plan.heads[:, i].double()
         return torch.stack([self._raw(d, entries[d.name]) for d in self.dims], 1)
 
-    def _value(self, d: ActionDim, u: torch.Tensor) -> torch.Tensor:
-        if d.categorical:
-            n = len(d.choices)
-            return torch.tensor(d.choices, dtype=torch.float64)[(u * n).floor().clamp(0, n - 1).long()]
-        keep = (d.low + u * (1 - d.low)).clamp(d.low, 1.0)
+    def _values(self, u: torch.Tensor) -> torch.Tensor:
+        """``[B, A]`` plan values of raw actions ``u``, every column at once: a discrete choice's
+        bin, or a keep ratio mapped onto ``[low, 1]`` and snapped to the grid."""
+        index = (u * self._n).floor().clamp(torch.zeros_like(self._n), self._n - 1).long()
+        chosen = self._table.gather(1, index.t()).t()
+        keep = (self._low + u * (1 - self._low)).clamp(self._low, torch.ones_like(self._low))
         if self.keep_grid > 0:
             keep = snap_keep_up(keep, self.keep_grid)
         elif self.space.keep_grid > 0:
-            keep = snap_keep(keep, self.space.keep_grid, d.low)
-        return torch.where(u >= 1, 1.0, keep)  # exactly 1 is always valid, on a grid or not
+            keep = snap_keep(keep, self.space.keep_grid, self.space.min_keep)  # every keep part's floor
+        keep = torch.where(u >= 1, 1.0, keep)  # exactly 1 is always valid, on a grid or not
+        return torch.where(self._is_keep, keep, chosen)
 
     @staticmethod
     def _raw(d: ActionDim, value: torch.Tensor) -> torch.Tensor:

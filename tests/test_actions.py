@@ -127,3 +127,52 @@ def test_a_selector_grid_off_the_meta_networks_grid_is_refused():
         ActionSpace(CFG, space, keep_grid=0.125)
     with pytest.raises(PranceError, match=r"must be in \(0, 1\]"):
         ActionSpace(CFG, space, keep_grid=1.5)
+
+
+def _decode_dim_by_dim(actions: ActionSpace, raw: torch.Tensor, stage: int) -> Plan:
+    """Reference decoder: one action dimension at a time, straight from the module docstring's rules."""
+    from prance.plan import snap_keep, snap_keep_up
+
+    cfg, space, k = actions.config, actions.space, actions.config.stage_depth
+    value = {}
+    for j, d in enumerate(actions.dims):
+        u = raw[:, j]
+        if d.categorical:
+            n = len(d.choices)
+            value[d.name] = torch.tensor(d.choices, dtype=torch.float64)[(u * n).floor().clamp(0, n - 1).long()]
+            continue
+        keep = (d.low + u * (1 - d.low)).clamp(d.low, 1.0)
+        if actions.keep_grid > 0:
+            keep = snap_keep_up(keep, actions.keep_grid)
+        elif space.keep_grid > 0:
+            keep = snap_keep(keep, space.keep_grid, d.low)
+        value[d.name] = torch.where(u >= 1, 1.0, keep)
+    rows = []
+    for i in range(len(raw)):
+        ratios = [value["mlp_ratio" if actions.mlp_per_stage else f"mlp_ratio[{j}]"][i].item() for j in range(k)]
+        heads = [int(value[f"heads[{j}]"][i]) if space.elastic_heads else cfg.num_heads for j in range(k)]
+        entry = Plan.uniform(cfg, [int(value["width"][i])] * cfg.num_stages, ratios * cfg.num_stages,
+                             heads=heads * cfg.num_stages,
+                             keep=value["prune_keep"][i].item() if "prune_keep" in value else 1.0,
+                             merge_keep=value["merge_keep"][i].item() if "merge_keep" in value else 1.0)
+        rows.append(Plan.full(cfg).with_stage(cfg, stage, entry))
+    return Plan.cat(rows)
+
+
+@pytest.mark.parametrize("mode, heads, grid, per_stage", SPACES)
+@pytest.mark.parametrize("selector_grid", [0.0, 0.6])
+def test_decoding_all_columns_at_once_equals_decoding_dimension_by_dimension(mode, heads, grid, per_stage,
+                                                                              selector_grid):
+    """Bit for bit, including bin edges, 0, 1 and values a hair below them."""
+    space = _space(mode, heads, grid)
+    if selector_grid and grid and abs(selector_grid / grid - round(selector_grid / grid)) > 1e-9:
+        selector_grid = 0.0
+    actions = ActionSpace(CFG, space, mlp_per_stage=per_stage, keep_grid=selector_grid)
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([0.0, 1.0, 1 - 1e-12, 0.2, 0.4, 1 / 3, 2 / 3, 0.5, 0.15, 1e-12], dtype=torch.float64)
+    raw = torch.cat([torch.rand(40, actions.size, generator=g, dtype=torch.float64),
+                     edges[torch.randint(len(edges), (40, actions.size), generator=g)]])
+    for stage in range(1, CFG.num_stages):
+        got, want = actions.decode(raw, stage), _decode_dim_by_dim(actions, raw, stage)
+        for name in ("widths", "mlp_ratios", "heads", "keep", "merge_keep"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name

@@ -88,11 +88,15 @@ class ActorCritic(nn.Module):
             at += n
         beta = None
         if self.continuous:
-            k = len(self.continuous)
-            # Concentrations > 1 keep the density unimodal (a mode exists) and bounded at 0 and 1.
-            conc = 1.0 + nn.functional.softplus(out[:, at : at + 2 * k]).view(-1, 2, k)
+            conc = self._concentrations(out)
             beta = Beta(conc[:, 0], conc[:, 1])
         return cats, beta
+
+    def _concentrations(self, out: torch.Tensor) -> torch.Tensor:
+        """``[B, 2, K]`` Beta concentrations (α; β) of the continuous parts from the actor output.
+        Concentrations > 1 keep the density unimodal (a mode exists) and bounded at 0 and 1."""
+        at, k = sum(self.choices), len(self.continuous)
+        return 1.0 + nn.functional.softplus(out[:, at : at + 2 * k]).view(-1, 2, k)
 
     def get_action_and_value(
         self, features: torch.Tensor, action: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -122,21 +126,44 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def act_deterministic(self, features: torch.Tensor) -> torch.Tensor:
-        """The most likely action ``[B, A]``: each categorical's mode and each Beta's mode."""
-        cats, beta = self.distributions(features)
+        """The most likely action ``[B, A]``: each categorical's mode and each Beta's mode.
+
+        The same arithmetic as :meth:`distributions` (a categorical's probabilities are the
+        softmax of its logsumexp-normalised logits), without building distribution objects:
+        at inference their construction and argument checks cost more than the actor itself.
+        Parts with equally many choices are reduced together.
+        """
+        out = self.actor(features)
         action = features.new_empty(features.shape[0], self.action_dim)
-        for j, cat in zip(self.discrete, cats):
-            action[:, j] = cat.probs.argmax(-1).to(features.dtype)
-        if beta is not None:
-            a, b = beta.concentration1, beta.concentration0
+        for parts, columns, n in self._categorical_layout(out.device):
+            logits = out.index_select(1, columns).view(-1, len(parts), n)
+            probs = (logits - logits.logsumexp(-1, keepdim=True)).softmax(-1)
+            action[:, parts] = probs.argmax(-1).to(features.dtype)
+        if self.continuous:
+            conc = self._concentrations(out)
+            a, b = conc[:, 0], conc[:, 1]
             action[:, self.continuous] = ((a - 1) / (a + b - 2).clamp_min(1e-6)).clamp(BETA_EPS, 1 - BETA_EPS)
         return action
+
+    def _categorical_layout(self, device: torch.device) -> list[tuple[list[int], torch.Tensor, int]]:
+        """Per distinct number of choices ``n``: its action parts and their logits' columns in the actor output."""
+        layout = self.__dict__.get("_layout")
+        if layout is None or layout[0] != device:
+            starts = torch.tensor([0, *self.choices]).cumsum(0).tolist()
+            by_n: dict[int, list[int]] = {}
+            for j in self.discrete:
+                by_n.setdefault(self.choices[j], []).append(j)
+            groups = [(parts, torch.tensor([starts[j] + c for j in parts for c in range(n)], device=device), n)
+                      for n, parts in by_n.items()]
+            layout = self.__dict__["_layout"] = (device, groups)
+        return layout[1]
 
     def to_unit(self, action: torch.Tensor) -> torch.Tensor:
         """The raw action in ``[0, 1]^A``: index ``i`` of ``n`` choices → ``(i + 0.5) / n``; values stay."""
         unit = action.clone()
-        for j in self.discrete:
-            unit[:, j] = (action[:, j] + 0.5) / self.choices[j]
+        if self.discrete:
+            n = action.new_tensor([self.choices[j] for j in self.discrete])
+            unit[:, self.discrete] = (action[:, self.discrete] + 0.5) / n
         return unit
 
 

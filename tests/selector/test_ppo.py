@@ -89,6 +89,30 @@ def test_actions_stay_in_their_ranges_and_log_probs_sum_the_parts():
     assert torch.allclose(unit[:, 0], (a[:, 0] + 0.5) / 4) and torch.equal(unit[:, 2:4], a[:, 2:4])
 
 
+@pytest.mark.parametrize("choices", [[5, 5, 5, 5, 0], [4, 1, 0, 0, 3], [3, 5, 3, 2, 5], [0, 0], [6]])
+def test_deterministic_action_is_every_distributions_mode_bit_for_bit(choices):
+    """The inference path skips the distribution objects; it must pick what they pick, to the last bit
+    (reference: the categoricals' probabilities and the Betas' concentrations from distributions())."""
+    torch.manual_seed(2)
+    agent = ActorCritic(7, choices=choices)
+    for p in agent.actor.parameters():  # sharp, varied outputs: argmaxes and modes across the whole range
+        p.data.mul_(40.0)
+    f = torch.randn(257, 7)
+    cats, beta = agent.distributions(f)
+    want = torch.empty(len(f), len(choices))
+    for j, cat in zip(agent.discrete, cats):
+        want[:, j] = cat.probs.argmax(-1).float()
+    if beta is not None:
+        a, b = beta.concentration1, beta.concentration0
+        want[:, agent.continuous] = ((a - 1) / (a + b - 2).clamp_min(1e-6)).clamp(1e-4, 1 - 1e-4)
+    got = agent.act_deterministic(f)
+    assert torch.equal(got, want)
+    assert len({tuple(r) for r in got[:, agent.discrete].tolist()}) > 1 or not agent.discrete
+    unit = agent.to_unit(got)
+    for j in range(len(choices)):
+        assert torch.equal(unit[:, j], (got[:, j] + 0.5) / choices[j] if choices[j] else got[:, j])
+
+
 def test_seeded_sampling_is_reproducible():
     agent = ActorCritic(3, choices=[5, 0])
     f = torch.randn(32, 3)
