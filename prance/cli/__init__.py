@@ -10,6 +10,7 @@ Commands (one module each in this package; shared flags and checks in ``common.p
     round-up        an adaptive model's decisions rounded up to K per stage, recalibrated (a new file)
     bench           wall-clock speed of PRANCE and its baselines at matched MACs (timm-style benchmark)
     visualize       PNG of the patches kept, merged and pruned per stage
+    report          report.md, results.json and figures of a `prance run` folder, from its own files
 
 Every problem the user can fix is reported as one line, ``prance: error: <problem; fix>``,
 with exit code 2 and no traceback (``--debug`` shows it). Anything else is a bug and
@@ -24,13 +25,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from prance.cli import (bench, evaluate, finetune, round_up, sweep, train_dense, train_meta, train_selector,
+from prance.cli import (bench, evaluate, finetune, report, round_up, sweep, train_dense, train_meta, train_selector,
                         visualize)
 from prance.errors import PranceError
 from prance.files import removed_if_left_empty
 
 #: One module per command, in the order ``prance --help`` lists them.
-COMMANDS = (train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize)
+COMMANDS = (train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize, report)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
             raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, train-selector, finetune, "
-                              "round-up, bench or visualize (see `prance --help`)")
+                              "round-up, bench, visualize or report (see `prance --help`)")
         with removed_if_left_empty(_output_folders(args)):
             args.func(args)
         return 0
