@@ -224,7 +224,9 @@ def _runs(values: list[int], counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def _token_counts(groups: list[_Group], b: int) -> torch.Tensor:
-    """``[B]`` tokens (cls included) of every batch image."""
+    """``[B]`` tokens (cls included) of every batch image (a lone image's group's own tensor: do not write to it)."""
+    if b == 1:
+        return groups[0].counts
     counts = groups[0].counts.new_empty(b)
     for g in groups:
         counts[g.images] = g.counts
@@ -312,7 +314,7 @@ class DynamicExecutor(StepwiseExecutor):
         if stage > 0:
             groups = self._regroup(groups, steps[0].width.tolist(), stage)
         want_keys = stage < cfg.num_stages - 1 and state.observed
-        grid, key_means = None, None
+        grid, key_means, ragged = None, None, False  # ragged: key means run past some images' tokens
         for s in steps:
             i, blk = s.block, model.blocks[s.block]
             block_heads, block_hidden = s.heads.tolist(), s.mlp_hidden.tolist()
@@ -325,13 +327,14 @@ class DynamicExecutor(StepwiseExecutor):
                 # Every image runs this block identically (always so at batch 1): plain sliced tensors.
                 groups, key_means = self._uniform_block(i, blk, groups[0], block_heads[0], block_hidden[0], reduce,
                                                         sized, keys)
-                grid = None
+                grid, ragged = None, False
                 if reduce is not None:
                     sized = sized or bool((reduce[1] < reduce[0]).any())
                 continue
             if grid is None:
                 grid = self._grid(groups, b, sized)
             groups, importance, key_means = self._attention(i, blk, groups, grid, block_heads, reduce is not None, keys)
+            ragged = True
             if reduce is not None:
                 prune_k, merge_k = reduce
                 if key_means is not None:  # the keys of the tokens that survive this block's reduction
@@ -347,11 +350,11 @@ class DynamicExecutor(StepwiseExecutor):
                 grid = None
             groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images.tolist()]) for g in groups]
         if key_means is not None:  # zero past each image's tokens, padded to the initial count
-            counts = _token_counts(groups, b)
             n = key_means.shape[1]
-            padded = key_means.new_zeros(b, state.n0)
-            padded[:, :n] = key_means.masked_fill(torch.arange(n, device=counts.device) >= counts[:, None], 0.0)
-            key_means = padded
+            if ragged:
+                counts = _token_counts(groups, b)
+                key_means = key_means.masked_fill(torch.arange(n, device=counts.device) >= counts[:, None], 0.0)
+            key_means = F.pad(key_means, (0, state.n0 - n))
         return ExecutionState(stage + 1, tuple(groups), plan, sized, key_means, state.budget, state.n0, state.observed)
 
     def logits(self, state: ExecutionState) -> torch.Tensor:
@@ -383,7 +386,7 @@ class DynamicExecutor(StepwiseExecutor):
                               f"{self.model.config.num_stages - 1}")
         b, d = state.batch_size, self.model.config.embed_dim
         cls = state.key_means.new_zeros(b, d)
-        tokens, widths = _token_counts(state.groups, b), state.groups[0].counts.new_empty(b)
+        tokens, widths = _token_counts(state.groups, b).clone(), state.groups[0].counts.new_empty(b)
         for g in state.groups:
             cls[g.images, : g.width] = g.x[g.offsets()[:-1]]
             widths[g.images] = g.widths()
@@ -446,8 +449,11 @@ class DynamicExecutor(StepwiseExecutor):
             means = k.mean((1, 3))
             if reduce is not None:  # of the tokens that survived this block's reduction
                 means = _survivors(means, importance, g.counts, reduce[1][g.images])
-            key_means = k.new_empty(int(g.images.max()) + 1, means.shape[1])
-            key_means[g.images] = means
+            if n_img == 1:
+                key_means = means
+            else:
+                key_means = k.new_empty(int(g.images.max()) + 1, means.shape[1])
+                key_means[g.images] = means
         out = _Group(g.images, torch.full_like(g.counts, n), x.reshape(n_img * n, w), size.reshape(-1))
         return [out], key_means
 
@@ -505,6 +511,10 @@ class DynamicExecutor(StepwiseExecutor):
         images are a contiguous slice of it.
         """
         stage_map = self.model.stage_maps[stage - 1]
+        if len(groups) == 1 and not groups[0].mixed and new_widths.count(new_widths[0]) == len(new_widths):
+            # One group, one new width (always so at batch 1): the map, or nothing, on every row.
+            g, w = groups[0], new_widths[0]
+            return [_Group(g.images, g.counts, g.x if w == g.width else stage_map(g.x, w), g.size)]
         target = self._group_widths(groups, new_widths)
         pieces: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         for g in groups:

@@ -1,0 +1,74 @@
+"""The engine's fast paths give what its general paths give (DESIGN.md §5).
+
+A lone image, or a batch that runs one plan, skips the grouping machinery (width groups,
+attention grid, masked token reduction); the references are the masked path, image by
+image, and the same images run inside a mixed batch, which takes the general paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prance import MetaViT, Plan
+from prance.engine import DynamicExecutor
+from tests.conftest import tiny_config, tiny_space
+
+
+def _model(token_mode: str, seed: int = 0) -> MetaViT:
+    torch.manual_seed(seed)
+    cfg = tiny_config(depth=8, stage_depth=2)
+    model = MetaViT(cfg, tiny_space(cfg, token_mode=token_mode)).eval()
+    with torch.no_grad():  # stage maps that are not the identity: running one where none belongs shows
+        for m in model.stage_maps:
+            m.weight.add_(0.2 * torch.randn_like(m.weight))
+            m.bias.add_(0.1 * torch.randn_like(m.bias))
+    return model
+
+
+def _plans(model: MetaViT, b: int, seed: int) -> Plan:
+    """Random per-image plans; every other image keeps one width from stage 1 on (no stage map)."""
+    plan = Plan.random(model.config, model.space, b, generator=torch.Generator().manual_seed(seed),
+                       keep_range=(0.2, 1.0))
+    widths = plan.widths.clone()
+    widths[::2, 2:] = widths[::2, 1:2]
+    widths[1::4, 1:] = model.config.embed_dim  # full width: the stage maps never run
+    return Plan(widths, plan.mlp_ratios, plan.heads, plan.keep, plan.merge_keep)
+
+
+class _Recorder:
+    """A policy that keeps every state it sees and replays the plan's decisions."""
+
+    def __init__(self, model: MetaViT, plan: Plan) -> None:
+        self.model, self.plan, self.states = model, plan, []
+
+    def __call__(self, state):
+        self.states.append(state)
+        return self.plan
+
+
+@pytest.mark.parametrize("token_mode", ["prune", "merge", "prune_merge"])
+def test_a_lone_image_runs_as_it_runs_in_a_mixed_batch_and_on_the_masked_path(token_mode):
+    model = _model(token_mode)
+    b = 8
+    x = torch.randn(b, 3, 16, 16)
+    plan = _plans(model, b, seed=1)
+    engine = DynamicExecutor(model, group_call_macs=0.0)
+    together = _Recorder(model, plan)
+    batch_logits, _ = engine.run(x, policy=together)
+    with torch.inference_mode():
+        masked = model(x, plan, mode="masked")
+    assert (batch_logits - masked).abs().max() <= 1e-4
+    for i in range(b):
+        alone = _Recorder(model, plan.select([i]))
+        logits, executed = engine.run(x[i : i + 1], policy=alone)
+        assert executed.key(0) == plan.key(i)
+        assert (logits[0] - masked[i]).abs().max() <= 1e-4
+        assert (logits[0] - batch_logits[i]).abs().max() <= 1e-5
+        for s_all, s_one in zip(together.states, alone.states):
+            assert int(s_one.tokens[0]) == int(s_all.tokens[i]) and int(s_one.widths[0]) == int(s_all.widths[i])
+            assert (s_one.cls[0] - s_all.cls[i]).abs().max() <= 1e-5
+            assert (s_one.key_means[0] - s_all.key_means[i]).abs().max() <= 1e-5
+            n = int(s_one.tokens[0])
+            assert bool((s_one.key_means[0, n:] == 0).all()) and bool((s_one.key_means[0, :n] != 0).any())
+            assert not s_one.tokens.is_inference() and not s_one.key_means.is_inference()
