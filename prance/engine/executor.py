@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from prance.errors import PranceError
 from prance.model.layers import Block
 from prance.model.metavit import MetaViT
+from prance.engine.reduce import reduce_packed
 from prance.engine.stepwise import StepwiseExecutor, budget_slot
 from prance.plan import Plan
 from prance.schedule import stage_steps
@@ -699,10 +700,9 @@ class DynamicExecutor(StepwiseExecutor):
         """Reduce every image's tokens of the group in one batched call.
 
         A group whose images all have equal counts before and after uses the physical ops (always
-        so for a batch sharing one plan). Otherwise images
-        are padded to the longest (padding marked dead, so it is never kept or merged into),
-        reduced by the masked ops with one count per image, and the survivors compacted back
-        into packed rows (row-major order keeps each image's tokens together).
+        so for a batch sharing one plan). Otherwise the packed rows are reduced image by image
+        with one count per image (:func:`~prance.engine.reduce.reduce_packed`, the masked ops'
+        arithmetic without their padding).
         """
         n_max, G = int(g.counts.max()), len(g.counts)
         if not bool((merge_k < g.counts - 1).any()):
@@ -713,13 +713,8 @@ class DynamicExecutor(StepwiseExecutor):
             n = state.x.shape[1]
             return _Group(g.images, torch.full_like(g.counts, n), state.x.reshape(G * n, -1), state.size.reshape(-1),
                           g.img_w)
-        valid = torch.arange(n_max, device=g.counts.device) < g.counts[:, None]
-        x = g.x.new_zeros(G, n_max, g.width)
-        x[valid] = g.x
-        size = g.size.new_ones(G, n_max)
-        size[valid] = g.size
-        state = token_ops.reduce_masked(TokenState(x, size, alive=valid), importance[:, : n_max - 1], keep_k, merge_k)
-        return _Group(g.images, state.alive.sum(1), state.x[state.alive], state.size[state.alive], g.img_w)
+        x, size = reduce_packed(g.x, g.size, g.counts, importance, keep_k, merge_k)
+        return _Group(g.images, merge_k + 1, x, size, g.img_w)
 
     # ------------------------------------------------------------------ MLP
     def _mlp(self, i: int, blk: Block, g: _Group, hidden: list[int]) -> _Group:

@@ -72,3 +72,37 @@ def test_a_lone_image_runs_as_it_runs_in_a_mixed_batch_and_on_the_masked_path(to
             n = int(s_one.tokens[0])
             assert bool((s_one.key_means[0, n:] == 0).all()) and bool((s_one.key_means[0, :n] != 0).any())
             assert not s_one.tokens.is_inference() and not s_one.key_means.is_inference()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_reduction_equals_the_masked_ops_bit_for_bit(seed):
+    """Reference: the masked token ops on the images padded to the longest, survivors compacted.
+    Counts equal and unequal, pruning and merging, ties in importance and in similarity."""
+    from prance.engine.reduce import reduce_packed
+    from prance.tokens import ops as token_ops
+    from prance.tokens.state import TokenState
+
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        images, channels = int(torch.randint(1, 10, (), generator=g)), int(torch.randint(4, 33, (), generator=g))
+        counts = torch.randint(2, 26, (images,), generator=g)
+        if trial % 3 == 0:
+            counts[:] = counts[0]
+        n = int(counts.max())
+        x = torch.randn(int(counts.sum()), channels, generator=g)
+        if trial % 5 == 0:
+            x[1::3] = x[0]  # equal tokens: equally similar destinations
+        size = torch.rand(len(x), generator=g) * 3 + 0.5
+        importance = torch.rand(images, n - 1, generator=g)
+        if trial % 4 == 0:
+            importance = (importance * 4).round()  # equally important tokens
+        prune_k = counts - 1 if trial % 2 else torch.stack(
+            [torch.randint(1, int(c), (), generator=g) for c in counts]).clamp(max=counts - 1)
+        merge_k = torch.stack([torch.randint(1, int(p) + 1, (), generator=g) for p in prune_k])
+        valid = torch.arange(n) < counts[:, None]
+        padded, padded_size = x.new_zeros(images, n, channels), size.new_ones(images, n)
+        padded[valid], padded_size[valid] = x, size
+        want = token_ops.reduce_masked(TokenState(padded, padded_size, alive=valid), importance, prune_k, merge_k)
+        got_x, got_size = reduce_packed(x, size, counts, importance, prune_k, merge_k)
+        assert torch.equal(got_x, want.x[want.alive]) and torch.equal(got_size, want.size[want.alive]), trial
+        assert len(got_x) == int((merge_k + 1).sum())
