@@ -192,3 +192,15 @@ def test_labels_beyond_the_ten_classes_are_rejected(
     idx_writer(small_fmnist_dir / TEST_LABELS, np.full(64, 10, dtype=np.uint8))
     with prance_error("label 10", "10 classes"):
         load_fashion_mnist("test", small_fmnist_dir)
+
+
+def test_a_rewritten_file_is_read_again(small_fmnist_dir: Path, fmnist_test_raw, idx_writer: IdxWriter) -> None:
+    """Decoded files are kept for the next read in the process, but only while their bytes are the same."""
+    first = FashionMNIST("train", data_dir=small_fmnist_dir)
+    images, labels = (a[64:128] for a in fmnist_test_raw)  # small_fmnist_dir holds the first 64
+    idx_writer(small_fmnist_dir / "train-images-idx3-ubyte.gz", images)
+    idx_writer(small_fmnist_dir / "train-labels-idx1-ubyte.gz", labels)
+    second = FashionMNIST("train", data_dir=small_fmnist_dir)
+    assert torch.equal(second._images, torch.from_numpy(images.copy()))
+    assert torch.equal(second._labels, torch.from_numpy(labels.astype(np.int64)))
+    assert not torch.equal(first._images, second._images)
