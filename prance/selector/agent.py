@@ -160,11 +160,16 @@ class ActorCritic(nn.Module):
 
     def to_unit(self, action: torch.Tensor) -> torch.Tensor:
         """The raw action in ``[0, 1]^A``: index ``i`` of ``n`` choices → ``(i + 0.5) / n``; values stay."""
-        unit = action.clone()
-        if self.discrete:
-            n = action.new_tensor([self.choices[j] for j in self.discrete])
-            unit[:, self.discrete] = (action[:, self.discrete] + 0.5) / n
-        return unit
+        offset, divisor = self._unit_map(action)
+        return (action + offset) / divisor  # a value part: + 0 and / 1, exactly itself
+
+    def _unit_map(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[A]`` offsets (0.5 for a choice) and divisors (its number of choices) of :meth:`to_unit`, cached."""
+        cached = self.__dict__.get("_unit")
+        if cached is None or cached[0].dtype != like.dtype or cached[0].device != like.device:
+            offset = like.new_tensor([0.5 if n else 0.0 for n in self.choices])
+            cached = self.__dict__["_unit"] = (offset, like.new_tensor([float(n or 1) for n in self.choices]))
+        return cached
 
 
 def _sample_beta(beta: Beta, generator: torch.Generator | None) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from prance.config import ViTConfig
 from prance.errors import PranceError
@@ -46,11 +45,12 @@ def raw_features(state: StageState, encoder: str, config: ViTConfig, default_bud
     signal = state.key_means if check_encoder(encoder) == "keys" else state.cls
     signal = signal.detach().float()
     b, dev = signal.shape[0], signal.device
-    stage = F.one_hot(torch.full((b,), state.stage - 1, device=dev), config.num_stages - 1).float()
-    tokens = state.tokens.to(dev).float()[:, None] / (config.num_patches + 1)
-    widths = state.widths.to(dev).float()[:, None] / config.embed_dim
-    budget = state.budget.to(dev).float()
-    budget = torch.where(torch.isnan(budget), torch.full_like(budget, default_budget), budget)[:, None]
+    stage = signal.new_zeros(b, config.num_stages - 1)
+    stage[:, state.stage - 1] = 1.0  # one-hot
+    tokens = state.tokens.to(dev, torch.float32)[:, None] / (config.num_patches + 1)
+    widths = state.widths.to(dev, torch.float32)[:, None] / config.embed_dim
+    budget = state.budget.to(dev, torch.float32)
+    budget = torch.where(budget.isnan(), default_budget, budget)[:, None]
     return torch.cat([signal, stage, tokens, widths, budget], 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,3 +90,26 @@ def test_the_budget_is_the_last_feature_standardised_by_its_range():
             seen = []
             engine.run(x[:2], policy=lambda s: (seen.append(selector.features(s)), selector(s))[1], budget=b)
             assert torch.allclose(seen[0][:, -1], torch.full((2,), float(w)), atol=1e-5), (cfg_kw, b)
+
+
+@pytest.mark.parametrize("encoder", ["keys", "cls"])
+def test_features_are_the_signal_the_stage_one_hot_tokens_width_and_budget(encoder):
+    """Reference: the feature vector written out entry by entry, NaN budget slots taking the default."""
+    from prance.policy import StageState
+    from prance.selector.features import raw_features
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    b, stage = 5, 2
+    state = StageState(stage, torch.randn(b, cfg.embed_dim, generator=g),
+                       torch.randn(b, cfg.num_patches + 1, generator=g),
+                       torch.tensor([17, 9, 3, 12, 5]), torch.tensor([32, 16, 24, 32, 16]),
+                       torch.tensor([0.3, float("nan"), 0.55, 0.8, float("nan")], dtype=torch.float64))
+    got = raw_features(state, encoder, cfg, default_budget=0.5)
+    for i in range(b):
+        signal = (state.key_means if encoder == "keys" else state.cls)[i].tolist()
+        onehot = [1.0 if s == stage - 1 else 0.0 for s in range(cfg.num_stages - 1)]
+        budget = 0.5 if i in (1, 4) else float(state.budget[i])
+        want = torch.tensor(signal + onehot + [int(state.tokens[i]) / (cfg.num_patches + 1),
+                                               int(state.widths[i]) / cfg.embed_dim, budget], dtype=torch.float32)
+        assert torch.equal(got[i], want), i
