@@ -7,6 +7,7 @@ from prance.config import SearchSpace, ViTConfig
 from prance.engine import DynamicExecutor
 from prance.errors import PranceError
 from prance.model import MetaViT, create_model, from_timm, to_timm_state_dict
+from prance.pipeline import adapt
 from prance.plan import Plan
 from prance.policy import StagePolicy, StageState
 
@@ -20,6 +21,7 @@ __all__ = [
     "StagePolicy",
     "StageState",
     "ViTConfig",
+    "adapt",
     "count_macs",
     "count_params",
     "create_model",

@@ -1,6 +1,7 @@
 """Command line: ``prance <command> [options]`` (also ``python -m prance``).
 
 Commands (one module each in this package; shared flags and checks in ``common.py``):
+    run             the whole pipeline, dense model to report, in one resumable run folder
     train-dense     train the full-size ViT (the teacher and starting point of the meta-network)
     evaluate        accuracy, MACs, parameters and tokens of a checkpoint under static plans (or its selector)
     train-meta      train the weight-sharing meta-network (sandwich rule; torchrun for several processes)
@@ -25,13 +26,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from prance.cli import (bench, evaluate, finetune, report, round_up, sweep, train_dense, train_meta, train_selector,
-                        visualize)
+from prance.cli import (bench, evaluate, finetune, report, round_up, run, sweep, train_dense, train_meta,
+                        train_selector, visualize)
 from prance.errors import PranceError
 from prance.files import removed_if_left_empty
 
 #: One module per command, in the order ``prance --help`` lists them.
-COMMANDS = (train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize, report)
+COMMANDS = (run, train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize, report)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise PranceError("give a command: train-dense, evaluate, train-meta, sweep, train-selector, finetune, "
-                              "round-up, bench, visualize or report (see `prance --help`)")
+            raise PranceError("give a command: run, train-dense, evaluate, train-meta, sweep, train-selector, "
+                              "finetune, round-up, bench, visualize or report (see `prance --help`)")
         with removed_if_left_empty(_output_folders(args)):
             args.func(args)
         return 0
@@ -73,7 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        return _fail("interrupted; continue a training run with --resume (finished epochs are kept)", 2)
+        again = ("run the same command again to continue (finished stages are kept)" if _command(argv) == "run" else
+                 "continue a training run with --resume (finished epochs are kept)")
+        return _fail(f"interrupted; {again}", 2)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (its first argument that is not a flag)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 #: Commands whose --out names a file (its folder is what they create); the others' --out is a folder.

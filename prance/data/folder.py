@@ -96,6 +96,23 @@ def scan_split(root: Path, split: str) -> tuple[tuple[str, ...], list[Path], lis
     return tuple(classes), paths, labels
 
 
+def image_shape(root: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(shorter side, channels)`` of the first training image: the input a model trained from scratch
+    on this folder can take (1 channel for grey images, else 3)."""
+    split_dir = Path(root) / SPLITS[0]
+    if not split_dir.is_dir():
+        raise PranceError(f"{split_dir} does not exist; {LAYOUT}")
+    classes = _class_dirs(split_dir)
+    if not classes:
+        raise PranceError(f"{split_dir} has no class folders; {LAYOUT}")
+    first = _image_files(split_dir / classes[0])[0]
+    try:
+        with Image.open(first) as img:
+            return min(img.size), 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise PranceError(f"cannot read image {first} ({exc}); replace or delete the file") from exc
+
+
 class ImageFolder(IndexedDataset):
     """One split of an ImageNet-layout folder, yielding (float32 [C, S, S], int64 label).
 

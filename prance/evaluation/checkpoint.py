@@ -122,8 +122,8 @@ def describe(result: Mapping[str, Any]) -> list[str]:
         return [f"adaptive  top-1 {s['top1']:6.2f}%  {s['gmacs']:.4f} GMACs ({s['macs_ratio']:.3f} of dense; per image "
                 f"{float(q['0.05']) / 1e9:.4f}-{float(q['0.95']) / 1e9:.4f})  {s['params_m']:.3f} M params  "
                 f"{s['tokens']:.1f} tokens  ({s['images']} {result['data']} {result['split']} images)"]
-    return [f"{row['plan_name']:>12}  top-1 {row['top1']:6.2f}%  {row['gmacs']:.4f} GMACs  {row['params_m']:.3f} M params  "
-            f"{row['tokens']:.1f} tokens  ({row['images']} {result['data']} {result['split']} images)"
+    return [f"{row['plan_name']:>12}  top-1 {row['top1']:6.2f}%  {row['gmacs']:.4f} GMACs  {row['params_m']:.3f} M "
+            f"params  {row['tokens']:.1f} tokens  ({row['images']} {result['data']} {result['split']} images)"
             for row in result["rows"]]
 
 

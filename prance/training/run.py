@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,6 +99,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+    """Whether :func:`init_distributed` joined the process group for this context (and closing leaves it)."""
 
     @property
     def distributed(self) -> bool:
@@ -112,11 +115,14 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(device: str | None = "cpu") -> DistContext:
+def init_distributed(device: str | None = "cpu", timeout: timedelta | None = None) -> DistContext:
     """This process's place and device; joins the process group under torchrun (WORLD_SIZE > 1).
 
     ``device`` is checked by :func:`prance.devices.resolve_device` (cpu by default); under
-    torchrun each rank takes the GPU of its ``LOCAL_RANK`` (nccl), or the CPU (gloo).
+    torchrun each rank takes the GPU of its ``LOCAL_RANK`` (nccl), or the CPU (gloo). A group
+    the caller joined already is used as it is (``prance run`` holds one across its stages),
+    and only the context that joined it leaves it. ``timeout``: of the group's collectives
+    (None: torch's default).
     """
     want = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -128,14 +134,15 @@ def init_distributed(device: str | None = "cpu") -> DistContext:
         dev, backend = torch.device("cuda", local_rank), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+    joins = not dist.is_initialized()
+    if joins:
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=joins)
 
 
 def close_distributed(ctx: DistContext) -> None:
-    """Leave the process group :func:`init_distributed` joined (a no-op for one process)."""
-    if ctx.distributed and dist.is_initialized():
+    """Leave the process group :func:`init_distributed` joined for ``ctx`` (a no-op for one process)."""
+    if ctx.distributed and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -237,7 +244,7 @@ def pipeline_holdout(
     known: dict[str, tuple[str, Holdout]] = {}
     unrecorded: list[str] = []
     for flag, path in sources.items():
-        ckpt = None if path is None or path.startswith("timm:") else _prance_checkpoint(path)
+        ckpt = None if path is None or path.startswith("timm:") else prance_checkpoint_or_none(path)
         if ckpt is None:
             continue
         split = ckpt.get("split")
@@ -260,7 +267,7 @@ def pipeline_holdout(
     return holdout
 
 
-def _prance_checkpoint(path: str) -> Mapping[str, Any] | None:
+def prance_checkpoint_or_none(path: str) -> Mapping[str, Any] | None:
     """The checkpoint at ``path`` if it is a readable prance checkpoint (else None: the model loader reports it)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -493,5 +500,6 @@ __all__ = [
     "on_device",
     "param_groups",
     "pipeline_holdout",
+    "prance_checkpoint_or_none",
     "train_loop",
 ]

@@ -1,0 +1,207 @@
+"""The settings of one ``prance run``: the run's own (data, token mode, budget, ...) and one dataclass per stage.
+
+The dataclass defaults are the "full" recipe of the headline runs (Fashion-MNIST, ``fmnist-tiny``);
+:mod:`prance.pipeline.resolve` builds a run's settings from them, a schedule, a YAML file and flags.
+
+A stage's *settings* (:func:`stage_settings`) are what its results depend on: its own fields
+and the run's fields it reads, as one flat mapping with dotted names (``dense.epochs``,
+``budget``). ``RUN/stages.json`` records them, so a later run can tell which stage a changed
+setting invalidates. Where things run (``device``, ``threads``), where the data lives
+(``data_dir``) and how often checkpoints are written cannot change results and may differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DATASETS = ("fashion-mnist", "folder")
+STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "evaluate", "bench", "report")
+
+#: Settings that cannot change results: they may differ when a run is continued.
+UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
+
+
+# ----------------------------------------------------------------------------- the stages
+@dataclass
+class DenseStage:
+    """``prance train-dense`` (skipped for an ``init`` of the run's classes: then dense/best.pt is that model)."""
+
+    preset: str = "fmnist-tiny"  # model shape without init (see prance.model.PRESETS)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # other ViTConfig fields (e.g. tests' toy shapes)
+    img_size: int | None = None  # input size (None: the preset's; a folder's images up to FOLDER_MAX_SIZE)
+    epochs: int = 25
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_epochs: float = 2.0
+    holdout: float = 0.1  # fraction of the training split every stage holds out for its choices
+    holdout_seed: int = 0
+    limit: int | None = None  # train on a random subset of this many images
+    val_limit: int | None = None  # choose the best epoch on at most this many held-out images
+    checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends)
+
+
+@dataclass
+class MetaStage:
+    """``prance train-meta --init dense/best.pt --teacher init --token-mode MODE``."""
+
+    epochs: int = 2
+    max_steps: int | None = None  # stop after this many steps (None: all epochs)
+    batch_size: int = 128
+    lr: float = 2.5e-4
+    warmup_steps: int = 100
+    num_random: int = 2  # random subnets per step besides the largest and smallest
+    min_keep: float = 0.25  # smallest keep ratio per stage the network is trained for
+    keep_grid: float = 0.0  # keep ratios on multiples of this step (0: continuous)
+    widths: list[int] | None = None  # search-space widths (None: the model's default)
+    mlp_ratios: list[float] | None = None  # search-space MLP ratios (None: the model's default)
+    limit: int | None = None
+    val_limit: int | None = None
+    checkpoint_every: int = 0
+
+
+@dataclass
+class SweepStage:
+    """``prance sweep`` of meta/best.pt with ``--compare dense=dense/best.pt`` (static subnets, holdout and test)."""
+
+    count: int = 12  # static subnets, spread over the MACs range
+    holdout_limit: int | None = None
+    test_limit: int | None = None
+    batch_size: int = 256
+
+
+@dataclass
+class SelectorStage:
+    """``prance train-selector --meta meta/best.pt --budget BUDGET`` (Result-to-Go PPO, then holdout calibration)."""
+
+    updates: int = 300
+    batch_size: int = 128
+    encoder: str = "keys"  # state: "keys" (the paper's) or "cls"
+    hidden: int = 128
+    mlp_per_stage: bool = False
+    keep_grid: float = 0.0  # the selector's keep ratios raised to multiples of this (0: the meta-network's grid)
+    keep_penalty: float = 0.01
+    lr: float = 3e-4
+    limit: int | None = None
+    holdout_limit: int | None = None  # calibrate on at most this many held-out images
+    checkpoint_every: int = 25
+
+
+@dataclass
+class FinetuneStage:
+    """``prance finetune --adaptive selector/adaptive.pt --teacher dense/best.pt`` (joint fine-tuning)."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    distill_weight: float = 0.5
+    alternate: int = 0  # one PPO update of the selector every N steps (0: the selector stays fixed)
+    limit: int | None = None
+    holdout_limit: int | None = None
+    checkpoint_every: int = 0
+
+
+@dataclass
+class StaticFinetuneStage:
+    """``prance finetune ... --static-plan auto``: the fair baseline. Unset (None) values are the joint
+    fine-tune's, so both get the same schedule unless told otherwise."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    distill_weight: float | None = None
+    limit: int | None = None
+    holdout_limit: int | None = None
+    static_candidates: int = 16  # how many of the dearest fitting static subnets the holdout compares
+    checkpoint_every: int | None = None
+
+
+@dataclass
+class EvaluateStage:
+    """``prance evaluate`` of PRANCE, the selector before fine-tuning, dense with EViT/ToMe at PRANCE's MACs and
+    the static-plan fine-tune, on the test split."""
+
+    batch_size: int = 256
+    limit: int | None = None  # at most this many test images (None: the whole test split)
+
+
+@dataclass
+class BenchStage:
+    """``prance bench --checkpoint finetune/adaptive.pt``: wall-clock speed of PRANCE and the baselines."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    runs: int = 20
+    warmup: int = 5
+    rounds: int = 4
+    pool: int | None = None  # test images cycled through (None: max(64, largest batch))
+    threads: int | None = 1  # torch threads while timing (one: ratios comparable across machines)
+
+
+@dataclass
+class ReportStage:
+    """``prance report RUN``."""
+
+    overlays: int = 6  # sample images with the selector's decisions drawn on them
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class RunConfig:
+    """Every setting of a ``prance run`` (written to RUN/config.yaml)."""
+
+    data: str = "fashion-mnist"  # "fashion-mnist" or "folder" (an ImageNet-layout root/{train,val} at data_dir)
+    data_dir: str | None = None  # the folder's root, or where the Fashion-MNIST IDX files are (None: the default)
+    init: str | None = None  # a local timm/DeiT file (timm:PATH) or a prance dense checkpoint to start from
+    mode: str = "merge"  # token reduction: prune, merge or prune_merge
+    budget: float = 0.5  # mean MACs per image as a fraction of the dense model's, selector included
+    schedule: str = "full"  # named schedule the stage values started from (prance.pipeline.schedules)
+    limit: int | None = None  # at most this many images of each split in every stage (quick runs)
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
+    dense: DenseStage = field(default_factory=DenseStage)
+    meta: MetaStage = field(default_factory=MetaStage)
+    sweep: SweepStage = field(default_factory=SweepStage)
+    selector: SelectorStage = field(default_factory=SelectorStage)
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+    static_finetune: StaticFinetuneStage = field(default_factory=StaticFinetuneStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    bench: BenchStage = field(default_factory=BenchStage)
+    report: ReportStage = field(default_factory=ReportStage)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The run's own fields (not stage mappings).
+RUN_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name not in STAGES)
+
+#: The run's fields each stage's results depend on (besides its own).
+_READS = {"dense": ("data", "init", "seed"), "meta": ("mode", "seed"), "sweep": ("budget",),
+          "selector": ("budget", "seed"), "finetune": ("seed",), "static_finetune": ("seed",), "evaluate": ("seed",),
+          "bench": ("seed",), "report": ()}
+
+
+def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """What ``stage``'s results depend on, flat with dotted names (``dense.epochs``, ``data``)."""
+    own = {f"{stage}.{k}": v for k, v in asdict(getattr(cfg, stage)).items()}
+    return {**{k: getattr(cfg, k) for k in _READS[stage]}, **own}
+
+
+def compared(name: str) -> bool:
+    """Whether a changed value of setting ``name`` (dotted) invalidates a finished stage."""
+    return name.rsplit(".", 1)[-1] not in UNCOMPARED
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """``cfg`` as the text of RUN/config.yaml (stages in pipeline order)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["DATASETS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "stage_settings", "to_yaml"]

@@ -1,0 +1,210 @@
+"""``prance run`` end to end on a slice of the real Fashion-MNIST: every stage's files, test-split results,
+resuming an interrupted run to the same result, and refusing changed settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prance.bench.methods import match_evit_keep, match_tome_r
+from prance.cli import main
+from prance.data.splits import final_test_set
+from prance.pipeline.config import STAGES, stage_settings
+from prance.pipeline.resolve import resolve_config
+from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
+from tests.conftest import cli_error
+from tests.pipeline.conftest import LIMIT, copy_run, run_argv, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FILES = {
+    "dense": ["dense/best.pt", "dense/last.pt", "dense/log.jsonl"],
+    "meta": ["meta/best.pt", "meta/log.jsonl"],
+    "sweep": ["sweep/sweep.json", "sweep/sweep.csv", "sweep/sweep.png"],
+    "selector": ["selector/adaptive.pt", "selector/last.pt", "selector/log.jsonl", "selector/curves.png"],
+    "finetune": ["finetune/adaptive.pt", "finetune/log.jsonl"],
+    "static_finetune": ["static_finetune/best.pt", "static_finetune/plan.yaml", "static_finetune/log.jsonl"],
+    "evaluate": ["eval/prance.json", "eval/prance.csv", "eval/selector.json", "eval/selector.csv", "eval/dense.json",
+                 "eval/static_finetune.json"],
+    "bench": ["bench/bench.json", "bench/bench.png"],
+    "report": ["report.md", "results.json"],
+}
+TIMING = ("seconds", "images_per_second")
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_files_and_the_results_come_from_the_test_split(finished_run: Path) -> None:
+    for stage, files in FILES.items():
+        for name in files:
+            assert (finished_run / name).is_file(), f"{stage}: {name} missing"
+    record = json.loads((finished_run / "stages.json").read_text())
+    assert list(record) == list(STAGES) and all(r["status"] == "done" for r in record.values())
+
+    # Every training stage learned from the holdout of the dense run and no stage read the test split for choices.
+    holdout = load_checkpoint(finished_run / "dense" / "best.pt")["split"]["holdout"]
+    for name in ("meta/best.pt", "selector/adaptive.pt", "finetune/adaptive.pt", "static_finetune/best.pt"):
+        assert load_checkpoint(finished_run / name)["split"]["holdout"] == holdout, name
+    # The chain: meta from dense, selector of meta, fine-tunes of the selector's adaptive model, teacher dense.
+    meta_args = load_checkpoint(finished_run / "meta" / "best.pt")["args"]["run"]
+    assert Path(meta_args["init"]) == finished_run / "dense" / "best.pt" and meta_args["teacher"] == "init"
+    assert meta_args["space"]["token_mode"] == "merge"
+    joint_args = load_checkpoint(finished_run / "finetune" / "adaptive.pt")["args"]
+    assert Path(joint_args["adaptive"]) == finished_run / "selector" / "adaptive.pt"
+    assert Path(joint_args["teacher"]) == finished_run / "dense" / "best.pt"
+
+    # The evaluations are of the test split: the labels, image by image, are the test split's (same slice).
+    test = final_test_set("fashion-mnist", img_size=28, in_chans=1, limit=LIMIT, seed=0)
+    labels = [int(test[i][1]) for i in range(len(test))]
+    prance = json.loads((finished_run / "eval" / "prance.json").read_text())
+    assert prance["split"] == "test" and [r["label"] for r in prance["images"]] == labels
+    assert prance["summary"]["top1"] == pytest.approx(
+        100.0 * sum(r["label"] == r["prediction"] for r in prance["images"]) / len(labels))
+    for name in ("dense", "static_finetune", "selector"):
+        result = json.loads((finished_run / "eval" / f"{name}.json").read_text())
+        assert result["split"] == "test"
+        assert [r["images"] for r in result.get("rows", [result.get("summary")])] == [LIMIT] * len(
+            result.get("rows", [0]))
+    # EViT and ToMe ran at the settings whose MACs come closest to PRANCE's test mean MACs.
+    dense = json.loads((finished_run / "eval" / "dense.json").read_text())
+    model = model_from_checkpoint(load_checkpoint(finished_run / "dense" / "best.pt"))
+    target = prance["summary"]["macs_ratio"]
+    assert [r["plan_name"] for r in dense["rows"]] == [
+        "max", f"evit:{match_evit_keep(model, target)}", f"tome:{match_tome_r(model, target)}"]
+    sweep = json.loads((finished_run / "sweep" / "sweep.json").read_text())
+    assert sweep["test_images"] == LIMIT and all("test_top1_dense" in r for r in sweep["rows"])
+
+
+@pytest.mark.slow
+def test_config_yaml_round_trips(finished_run: Path, tmp_path: Path) -> None:
+    written = finished_run / "config.yaml"
+    again = resolve_config(written)
+    assert yaml.safe_load(written.read_text()) == again.to_dict()
+    original = resolve_config(tiny_config(tmp_path), {"schedule": "demo", "limit": LIMIT, "threads": 1})
+    assert again == original
+    record = json.loads((finished_run / "stages.json").read_text())
+    assert all(record[s]["settings"] == json.loads(json.dumps(stage_settings(again, s))) for s in STAGES)
+
+
+def _same_adaptive(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["selector"]["state"], cb["selector"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ca["calibration"] == cb["calibration"]
+
+
+def _without_timing(result: dict) -> dict:
+    rows = result.get("rows", [])
+    return {**{k: v for k, v in result.items() if k not in ("rows", "summary", "checkpoint")},
+            "rows": [{k: v for k, v in r.items() if k not in TIMING} for r in rows],
+            "summary": {k: v for k, v in (result.get("summary") or {}).items() if k not in TIMING}}
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_to_where_an_uninterrupted_run_ends(
+        finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import prance.training.finetune as finetune_module
+    import prance.training.meta as meta_module
+
+    run = copy_run(finished_run, tmp_path / "run", stages=("dense",))
+    argv = run_argv(tiny_config(tmp_path), run)
+    real_meta, real_finetune = meta_module.run_train_meta, finetune_module.run_finetune
+
+    def meta_stops(*args, **kwargs):  # Ctrl-C once last.pt of step 2 is written
+        real_meta(*args, **kwargs, stop_after=2)
+        raise KeyboardInterrupt
+
+    def joint_stops(adaptive, cfg, *args, **kwargs):
+        real_finetune(adaptive, cfg, *args, **kwargs, stop_after=None if cfg.static_plan else 2)
+        if cfg.static_plan is None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(meta_module, "run_train_meta", meta_stops)
+    assert main(argv) == 2
+    assert "interrupted; run the same command again to continue" in capsys.readouterr().err
+    assert json.loads((run / "stages.json").read_text())["meta"]["status"] == "running"
+    assert load_checkpoint(run / "meta" / "last.pt")["train_state"]["step"] == 2
+    monkeypatch.setattr(meta_module, "run_train_meta", real_meta)
+    monkeypatch.setattr(finetune_module, "run_finetune", joint_stops)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "== stage 2/9 meta: the meta-network (sandwich rule, distilled from dense) (continuing" in out
+    assert "interrupted; run the same command again" in err, err
+    record = json.loads((run / "stages.json").read_text())
+    assert [s for s in STAGES if record.get(s, {}).get("status") == "done"] == ["dense", "meta", "sweep", "selector"]
+    assert record["finetune"]["status"] == "running"
+    monkeypatch.setattr(finetune_module, "run_finetune", real_finetune)
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "== stage 1/9 dense: done already" in log and "== stage 5/9 finetune: joint fine-tuning (continuing" in log
+
+    ma, mb = (load_checkpoint(r / "meta" / "best.pt")["model"] for r in (run, finished_run))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    for name in ("selector/adaptive.pt", "finetune/adaptive.pt"):
+        _same_adaptive(run / name, finished_run / name)
+    for name in ("prance", "selector", "dense", "static_finetune"):
+        a = json.loads((run / "eval" / f"{name}.json").read_text())
+        b = json.loads((finished_run / "eval" / f"{name}.json").read_text())
+        assert _without_timing(a) == _without_timing(b), name
+        if "images" in a:
+            assert a["images"] == b["images"], name  # every image's decisions
+
+
+def test_a_changed_setting_is_refused_naming_the_stage_and_the_setting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    cfg = resolve_config(config, {"schedule": "demo", "limit": LIMIT})
+    run.mkdir()
+    record = {s: {"settings": stage_settings(cfg, s), "status": "done", "seconds": 1.0, "finished": None}
+              for s in STAGES[:5]}
+    (run / "stages.json").write_text(json.dumps(record))
+    before = (run / "stages.json").read_text()
+    cli_error(capsys, run_argv(config, run, "--selector-updates", "5"), "stage selector",
+                    "selector.updates=3, now selector.updates=5", "--restart-from selector", "new --out",
+                    f"--config {run / 'config.yaml'}")
+    cli_error(capsys, run_argv(config, run, "--budget", "0.4"), "stage sweep", "budget=0.5, now budget=0.4",
+              "--restart-from sweep")
+    cli_error(capsys, run_argv(config, run, "--seed", "1"), "stage dense", "seed=0, now seed=1")
+    cli_error(capsys, run_argv(config, run, "--mode", "prune"), "stage meta", "mode=\"merge\", now mode=\"prune\"")
+    assert (run / "stages.json").read_text() == before and sorted(p.name for p in run.iterdir()) == ["stages.json"]
+
+
+@pytest.mark.slow
+def test_where_it_runs_may_change_and_restart_from_redoes_only_that_stage_and_later(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmnist_dir: str) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    config = tiny_config(tmp_path)
+    # Threads, device and where the data lives cannot change results: everything is done already.
+    assert main(run_argv(config, run, "--threads", "2", "--device", "cpu", "--data-dir", fmnist_dir)) == 0
+    assert capsys.readouterr().out.count("done already") == len(STAGES)
+
+    kept = {name: (run / name).read_bytes() for name in ("dense/best.pt", "selector/adaptive.pt",
+                                                         "eval/prance.json")}
+    (run / "bench" / "stale.txt").write_text("from the old bench")
+    override = tmp_path / "more.yaml"
+    override.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()),
+                                        "bench": {"batch_sizes": [2], "runs": 3, "warmup": 1, "rounds": 1, "pool": 4}}))
+    assert main(run_argv(override, run, "--restart-from", "bench")) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == STAGES.index("bench") and "== stage 8/9 bench: " in out
+    assert all((run / name).read_bytes() == data for name, data in kept.items())
+    assert not (run / "bench" / "stale.txt").exists()
+    bench = json.loads((run / "bench" / "bench.json").read_text())
+    assert {r["batch_size"] for r in bench["rows"]} == {2} and bench["meta"]["runs"] == 3
+    assert json.loads((run / "stages.json").read_text())["bench"]["settings"]["bench.runs"] == 3
+
+
+def test_a_stage_recorded_done_without_its_files_is_refused(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "sweep" / "sweep.json").unlink()
+    cli_error(capsys, run_argv(tiny_config(tmp_path), run), "stage sweep is recorded done but sweep/sweep.json is "
+              "missing", "--restart-from sweep")
