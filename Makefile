@@ -1,6 +1,7 @@
-# PRANCE: set-up, tests and a demo.
-#   make demo   set up, then train the dense fmnist-tiny ViT on Fashion-MNIST and evaluate it
-#   make test   set up, then run the test suite
+# PRANCE: set-up, tests, the demo and the headline run.
+#   make demo        set up, then the whole pipeline on Fashion-MNIST with the short schedule (prance run --schedule demo)
+#   make reproduce   set up, then the whole pipeline with the headline schedule (prance run --schedule full)
+#   make test        set up, then run the test suite
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
@@ -9,20 +10,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prance-setup-done
 
-# The demo: DEMO_EPOCHS full passes over the 60k training images. Measured on 2 idle cores: ~200 img/s,
-# 5 minutes per epoch including validation, so 4 epochs take ~21 minutes (much longer on a busy machine).
+# Both run every stage of `prance run` into one folder; running them again skips the finished stages
+# and continues an interrupted one (delete the folder, or add RUN_FLAGS="--restart-from STAGE", to redo).
 DEMO_DIR ?= runs/demo
-DEMO_EPOCHS ?= 4
-DEMO_BATCH ?= 128
-DEMO_WARMUP ?= 0.3
+REPRODUCE_DIR ?= runs/reproduce
+RUN_FLAGS ?=
 
-.PHONY: help setup data test demo
+.PHONY: help setup data test demo reproduce
 
 help:
-	@echo "make demo   train the dense fmnist-tiny ViT on Fashion-MNIST ($(DEMO_EPOCHS) epochs) into $(DEMO_DIR), then evaluate it"
-	@echo "make test   run the tests"
-	@echo "make setup  create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
-	@echo "make data   make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
+	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (planned <= 30 min on 2 idle cores), into $(DEMO_DIR)"
+	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
+	@echo "make test        run the tests"
+	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
+	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
 
 setup: $(STAMP)
 
@@ -39,12 +40,11 @@ data:
 test: setup data
 	$(PY) -m pytest -q
 
-# Re-running continues the run in $(DEMO_DIR) (--resume) instead of starting over; a finished run
-# is only evaluated again. Delete $(DEMO_DIR) to train from scratch.
 demo: setup data
-	@echo "== demo: training the dense fmnist-tiny ViT (1.4 M params) on Fashion-MNIST for $(DEMO_EPOCHS) epochs (~5 min each on 2 idle cores) into $(DEMO_DIR)"
-	@echo "== progress: $(DEMO_DIR)/log.jsonl; interrupt any time, 'make demo' continues from the last finished epoch"
-	$(PY) -m prance train-dense --preset fmnist-tiny --data fashion-mnist --epochs $(DEMO_EPOCHS) \
-		--batch-size $(DEMO_BATCH) --warmup-epochs $(DEMO_WARMUP) --out $(DEMO_DIR) $(if $(wildcard $(DEMO_DIR)/last.pt),--resume,)
-	@echo "== demo: evaluating $(DEMO_DIR)/best.pt on the 10k Fashion-MNIST test images"
-	$(PY) -m prance evaluate --checkpoint $(DEMO_DIR)/best.pt --plan max --out $(DEMO_DIR)/eval.json
+	@echo "== demo: prance run --schedule demo into $(DEMO_DIR); progress: one line per stage, report in $(DEMO_DIR)/report.md"
+	@echo "== interrupt any time: 'make demo' continues where it stopped"
+	$(PY) -m prance run --schedule demo --out $(DEMO_DIR) $(RUN_FLAGS)
+
+reproduce: setup data
+	@echo "== reproduce: prance run --schedule full into $(REPRODUCE_DIR) (hours on 2 CPU cores); 'make reproduce' continues"
+	$(PY) -m prance run --schedule full --out $(REPRODUCE_DIR) $(RUN_FLAGS)
