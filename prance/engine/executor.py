@@ -68,6 +68,7 @@ class _Group:
     img_w: torch.Tensor | None = None  # [G] each image's own width if some run narrower than the group (padded)
     grid_rows: torch.Tensor | None = None  # [T] row of each token in the attention grid (cached)
     counts_cache: list[int] | None = None  # counts as a list (cached)
+    images_cache: list[int] | None = None  # images as a list (cached)
     mask_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -96,6 +97,11 @@ class _Group:
         if self.counts_cache is None:
             self.counts_cache = self.counts.tolist()
         return self.counts_cache
+
+    def images_list(self) -> list[int]:
+        if self.images_cache is None:
+            self.images_cache = self.images.tolist()
+        return self.images_cache
 
     def row_image(self) -> torch.Tensor:
         """``[T]`` position in the group of each row's image."""
@@ -131,6 +137,20 @@ class _Grid:
     key_bias: torch.Tensor | None  # [B, n_max]: 0 / log(size) for real keys, -inf for padding; None if never needed
     masked: list[bool]  # per bucket: does it need the key bias
     pad_rows: torch.Tensor | None  # grid rows inside some bucket that hold padding (to be zeroed)
+    bucket_bias: list[torch.Tensor | None] | None = None  # per bucket, its key bias [images, 1, 1, n] (cached)
+    image_of_slot: torch.Tensor | None = None  # [B] batch image in each slot (cached)
+
+    def bias_of_buckets(self) -> list[torch.Tensor | None]:
+        """Each bucket's additive key bias, broadcast over heads and queries (None where it needs none)."""
+        if self.bucket_bias is None:
+            self.bucket_bias = [self.key_bias[a:z, None, None, :n] if masked else None
+                                for (a, z, n), masked in zip(self.buckets, self.masked)]
+        return self.bucket_bias
+
+    def images_in_slots(self) -> torch.Tensor:
+        if self.image_of_slot is None:
+            self.image_of_slot = self.slot.argsort()
+        return self.image_of_slot
 
     def rows_of(self, g: _Group) -> torch.Tensor:
         """``[T]`` grid row (``slot * n_max + token``) of every packed row of ``g`` (cached on ``g``)."""
@@ -349,7 +369,7 @@ class DynamicExecutor(StepwiseExecutor):
                     groups = [self._reduce(g, importance[grid.slot[g.images]], prune_k[g.images], merge_k[g.images])
                               for g in groups]
                 grid = None
-            groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images.tolist()]) for g in groups]
+            groups = [self._mlp(i, blk, g, [block_hidden[j] for j in g.images_list()]) for g in groups]
         if key_means is not None:  # zero past each image's tokens, padded to the initial count
             n = key_means.shape[1]
             if ragged:
@@ -399,7 +419,7 @@ class DynamicExecutor(StepwiseExecutor):
         for st in states:
             if st.stage != first.stage or st.n0 != first.n0:
                 raise PranceError("only states at the same stage can be joined")
-            groups += [replace(g, images=g.images + offset, grid_rows=None) for g in st.groups]
+            groups += [replace(g, images=g.images + offset, grid_rows=None, images_cache=None) for g in st.groups]
             offset += st.batch_size
         key_means = None if first.key_means is None else torch.cat([st.key_means for st in states])
         return ExecutionState(first.stage, tuple(groups), Plan.cat([st.plan for st in states]),
@@ -417,7 +437,7 @@ class DynamicExecutor(StepwiseExecutor):
             p = position[g.images]
             inside = p >= 0
             if bool(inside.all()):
-                groups.append(replace(g, images=p, grid_rows=None))
+                groups.append(replace(g, images=p, grid_rows=None, images_cache=None))
             elif bool(inside.any()):
                 keep = inside.nonzero().squeeze(1)
                 rows = _rows(g.offsets(), g.counts, keep)
@@ -620,40 +640,43 @@ class DynamicExecutor(StepwiseExecutor):
         """
         attn = blk.attn
         hd, h_max, b = attn.head_dim, max(heads), len(heads)
+        same_heads = heads.count(h_max) == b
         normed = [self._group_norm(("norm1", i), blk.norm1, g) for g in groups]
         # Fast path: one group holding every image in slot order with no padding needs no grid.
-        direct = (len(groups) == 1 and len(grid.buckets) == 1 and not grid.masked[0] and len(set(heads)) == 1
+        direct = (len(groups) == 1 and len(grid.buckets) == 1 and not grid.masked[0] and same_heads
                   and bool((grid.slot[groups[0].images] == torch.arange(b, device=grid.slot.device)).all()))
         if direct:
             qkv = F.linear(normed[0], *self._qkv(i, blk, groups[0].width, h_max))
         else:
-            zero = h_max != attn.num_heads or len(set(heads)) > 1  # unused heads must be zero
+            zero = h_max != attn.num_heads or not same_heads  # unused heads must be zero
             qkv = groups[0].x.new_zeros if zero else groups[0].x.new_empty
             qkv = qkv(b * grid.n_max, 3, h_max, hd)
             if grid.pad_rows is not None and not zero:
                 qkv.index_fill_(0, grid.pad_rows, 0.0)  # padded keys/values must be finite
             for g, h in zip(groups, normed):
-                for hv, rows in self._by_heads(g, heads):
+                for hv, rows in self._by_heads(g, heads, same_heads):
                     out = F.linear(_take(h, rows), *self._qkv(i, blk, g.width, hv)).view(-1, 3, hv, hd)
                     target = qkv if hv == h_max else qkv[:, :, :hv]
                     target.index_copy_(0, _take(grid.rows_of(g), rows), out)
         qkv = qkv.view(b, grid.n_max, 3, h_max, hd)
         out = qkv.new_empty(b, grid.n_max, h_max, hd)
         importance = qkv.new_zeros(b, grid.n_max - 1) if need_importance else None
-        head_count = torch.tensor(heads, device=qkv.device)[grid.slot.argsort()] if need_importance else None
-        for (a, z, n), masked in zip(grid.buckets, grid.masked):
+        head_count = None
+        if need_importance and not same_heads:
+            head_count = torch.tensor(heads, device=qkv.device)[grid.images_in_slots()]
+        for (a, z, n), mask in zip(grid.buckets, grid.bias_of_buckets()):
             q, k, v = qkv[a:z, :n].permute(2, 0, 3, 1, 4)
-            mask = grid.key_bias[a:z, None, None, :n] if masked else None
             out[a:z, :n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
             if need_importance:
-                importance[a:z, : n - 1] = token_ops.attention_importance(q, k, attn.scale, mask, head_count[a:z])
+                importance[a:z, : n - 1] = token_ops.attention_importance(
+                    q, k, attn.scale, mask, None if head_count is None else head_count[a:z])
         key_means = None
         if want_keys:
             k = qkv[:, :, 1]  # [slots, n_max, heads, hd]
-            if len(set(heads)) == 1:
+            if same_heads:
                 per_slot = k.mean((-2, -1))
             else:
-                head_count = torch.tensor(heads, dtype=qkv.dtype, device=qkv.device)[grid.slot.argsort()]
+                head_count = torch.tensor(heads, dtype=qkv.dtype, device=qkv.device)[grid.images_in_slots()]
                 active = (torch.arange(h_max, device=qkv.device) < head_count[:, None]).to(qkv.dtype)
                 per_slot = (k.sum(-1) * active[:, None, :]).sum(-1) / (head_count[:, None] * hd)
             key_means = per_slot[grid.slot]
@@ -662,7 +685,7 @@ class DynamicExecutor(StepwiseExecutor):
         for g in groups:
             o = out if direct else out.index_select(0, grid.rows_of(g))
             x = g.x
-            for hv, rows in self._by_heads(g, heads):
+            for hv, rows in self._by_heads(g, heads, same_heads):
                 proj = F.linear(_take(o, rows)[:, : hv * hd], *self._proj(i, blk, g.width, hv))
                 if g.mixed:  # rows narrower than the group stay zero beyond their width
                     proj = proj * _take(g.masks()[1], rows)
@@ -672,8 +695,11 @@ class DynamicExecutor(StepwiseExecutor):
         return new_groups, importance, key_means
 
     @staticmethod
-    def _by_heads(g: _Group, heads: list[int]) -> list[tuple[int, torch.Tensor | None]]:
-        values = [heads[j] for j in g.images.tolist()]
+    def _by_heads(g: _Group, heads: list[int], same: bool = False) -> list[tuple[int, torch.Tensor | None]]:
+        """``(heads, rows)`` for each head count of the group's images (rows None: all of them)."""
+        if same:
+            return [(heads[0], None)]
+        values = [heads[j] for j in g.images_list()]
         if len(set(values)) == 1:
             return [(values[0], None)]
         return g.partition(values)

@@ -15,10 +15,10 @@ from prance.engine import DynamicExecutor
 from tests.conftest import tiny_config, tiny_space
 
 
-def _model(token_mode: str, seed: int = 0) -> MetaViT:
+def _model(token_mode: str, elastic_heads: bool = True, seed: int = 0) -> MetaViT:
     torch.manual_seed(seed)
     cfg = tiny_config(depth=8, stage_depth=2)
-    model = MetaViT(cfg, tiny_space(cfg, token_mode=token_mode)).eval()
+    model = MetaViT(cfg, tiny_space(cfg, token_mode=token_mode, elastic_heads=elastic_heads)).eval()
     with torch.no_grad():  # stage maps that are not the identity: running one where none belongs shows
         for m in model.stage_maps:
             m.weight.add_(0.2 * torch.randn_like(m.weight))
@@ -47,9 +47,10 @@ class _Recorder:
         return self.plan
 
 
+@pytest.mark.parametrize("elastic_heads", [True, False])
 @pytest.mark.parametrize("token_mode", ["prune", "merge", "prune_merge"])
-def test_a_lone_image_runs_as_it_runs_in_a_mixed_batch_and_on_the_masked_path(token_mode):
-    model = _model(token_mode)
+def test_a_lone_image_runs_as_it_runs_in_a_mixed_batch_and_on_the_masked_path(token_mode, elastic_heads):
+    model = _model(token_mode, elastic_heads)
     b = 8
     x = torch.randn(b, 3, 16, 16)
     plan = _plans(model, b, seed=1)
