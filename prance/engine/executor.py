@@ -70,6 +70,7 @@ class _Group:
     counts_cache: list[int] | None = None  # counts as a list (cached)
     images_cache: list[int] | None = None  # images as a list (cached)
     mask_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias_cache: torch.Tensor | None = None  # equal counts: [G, 1, 1, n] log sizes, the key bias of merged tokens
 
     @property
     def mixed(self) -> bool:
@@ -98,6 +99,12 @@ class _Group:
             self.counts_cache = self.counts.tolist()
         return self.counts_cache
 
+    def size_bias(self) -> torch.Tensor:
+        """``[G, 1, 1, n]`` key bias of a group whose images all have ``n`` tokens: their log sizes (cached)."""
+        if self.bias_cache is None:
+            self.bias_cache = self.size.log().view(len(self.counts), 1, 1, -1)
+        return self.bias_cache
+
     def images_list(self) -> list[int]:
         if self.images_cache is None:
             self.images_cache = self.images.tolist()
@@ -120,7 +127,11 @@ class _Group:
         return list(zip(distinct, order.split(sizes)))
 
     def with_x(self, x: torch.Tensor) -> "_Group":
-        return replace(self, x=x)
+        """The same images and tokens (and what is cached of them) with new features ``x``."""
+        new = object.__new__(_Group)  # a shallow copy without dataclasses.replace, which re-runs __init__ in Python
+        new.__dict__.update(self.__dict__)
+        new.x = x
+        return new
 
 
 @dataclass
@@ -452,11 +463,11 @@ class DynamicExecutor(StepwiseExecutor):
                        reduce: tuple[torch.Tensor, torch.Tensor] | None, sized: bool, want_keys: bool
                        ) -> tuple[list[_Group], torch.Tensor | None]:
         """One block for a group whose images share counts, heads, MLP width and token reduction."""
-        attn, (n_img, n, w) = blk.attn, (len(g.counts), int(g.counts[0]), g.width)
+        attn, (n_img, n, w) = blk.attn, (len(g.counts), g.counts_list()[0], g.width)
         x, size = g.x.view(n_img, n, w), g.size.view(n_img, n)
         qkv = F.linear(self._norm(("norm1", i), blk.norm1, x), *self._qkv(i, blk, w, heads))
         q, k, v = qkv.view(n_img, n, 3, heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        mask = size.log()[:, None, None, :] if sized else None
+        mask = g.size_bias() if sized else None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n_img, n, -1)
         x = x + F.linear(o, *self._proj(i, blk, w, heads))
         if reduce is not None:
@@ -475,6 +486,8 @@ class DynamicExecutor(StepwiseExecutor):
             else:
                 key_means = k.new_empty(int(g.images.max()) + 1, means.shape[1])
                 key_means[g.images] = means
+        if reduce is None:  # same tokens: counts, sizes and what is cached of them stay
+            return [g.with_x(x.reshape(n_img * n, w))], key_means
         out = _Group(g.images, torch.full_like(g.counts, n), x.reshape(n_img * n, w), size.reshape(-1))
         return [out], key_means
 
