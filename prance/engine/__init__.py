@@ -1,6 +1,7 @@
 """Execution engine: per-image plans run physically (grouped, packed) or masked, stage by stage."""
 
-from prance.engine.executor import ATTENTION_MODES, DynamicExecutor, ExecutionState
+from prance.engine.executor import DynamicExecutor, ExecutionState
+from prance.engine.grid import ATTENTION_MODES
 from prance.engine.masked import MaskedExecutionState, MaskedExecutor
 from prance.engine.stepwise import Outcome, Rollout, RolloutStep, StepwiseExecutor
 

@@ -5,7 +5,8 @@ import torch
 
 from prance import MetaViT, Plan, PranceError
 from prance.engine import DynamicExecutor
-from prance.engine.executor import _Group, buckets
+from prance.engine.grid import buckets
+from prance.engine.groups import _Group
 from tests.conftest import tiny_config, tiny_space
 
 
