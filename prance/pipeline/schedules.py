@@ -6,16 +6,16 @@ epochs at lr 1e-3 with 2 warm-up epochs, batch 128; meta-network 2 epochs down t
 bench at batch 1 and 64). ``demo`` shows the whole method on Fashion-MNIST in at most about
 half an hour on two idle CPU cores: every stage runs on the full data sets, only shorter.
 
-Not yet timed on an idle machine. Estimated from the throughput of the headline runs on the
-2-core development machine (fmnist-tiny: dense training ~200 img/s, the meta-network's sandwich
-~40 img/s, a selector update of 128 images ~1.8 s, the adaptive model ~350 img/s at inference,
-so a calibration of ~14 passes over 1000 held-out images ~40 s, joint fine-tuning ~70 img/s):
+Not yet timed on an idle machine. Estimated from the headline runs (fmnist-tiny on the 2-core
+development machine: dense training ~200 img/s, the meta-network's sandwich ~35 img/s, a selector
+update of 128 images ~1.8 s, the adaptive model ~400 img/s at inference) and from a demo run on a
+slice of the data on the same machine under a load about 7 times slower, stage by stage:
 
-    dense 2 epochs (108k images + validation, ~9.5 min) · meta-network 150 steps of 64 (~4 min) ·
-    sweep of 8 subnets on 2000 held-out and twice 10k test images (~1.5 min) · selector 100
-    updates + calibration (~3.5 min) · joint fine-tuning 120 steps of 64 + calibration (~2.5 min)
-    · static-plan fine-tuning (~1 min) · evaluation on the 10k test images (~1.5 min) · bench
-    (~1 min) · report (~0.5 min): ~25 min.
+    dense 2 epochs (108k images + validation, ~9.5 min) · meta-network 120 steps of 64 (~4 min) ·
+    sweep of 6 subnets on 1000 held-out and twice 10k test images (~2.5 min) · selector 80 updates
+    + calibration (~3.5 min; calibrating takes up to 30 passes over the 1000 held-out images) ·
+    joint fine-tuning 100 steps of 64 + calibration (~3 min) · static-plan fine-tuning (~1.5 min) ·
+    evaluation on the 10k test images (~1.5 min) · bench (~0.5 min) · report: ~26 min.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 
 DEMO: dict[str, dict[str, Any]] = {
     "dense": {"epochs": 2, "warmup_epochs": 0.3, "val_limit": 2000},
-    "meta": {"epochs": 1, "max_steps": 150, "batch_size": 64, "warmup_steps": 20, "val_limit": 1000},
-    "sweep": {"count": 8, "holdout_limit": 2000},
-    "selector": {"updates": 100, "holdout_limit": 1000, "checkpoint_every": 20},
-    "finetune": {"max_steps": 120, "batch_size": 64, "warmup_steps": 10, "holdout_limit": 1000,
+    "meta": {"epochs": 1, "max_steps": 120, "batch_size": 64, "warmup_steps": 20, "val_limit": 1000},
+    "sweep": {"count": 6, "holdout_limit": 1000},
+    "selector": {"updates": 80, "holdout_limit": 1000, "checkpoint_every": 20},
+    "finetune": {"max_steps": 100, "batch_size": 64, "warmup_steps": 10, "holdout_limit": 1000,
                  "checkpoint_every": 50},
     "static_finetune": {"static_candidates": 8},
-    "bench": {"runs": 8, "warmup": 2, "rounds": 2},
+    "bench": {"runs": 16, "warmup": 4, "rounds": 4},
 }
 
 SCHEDULES: dict[str, dict[str, dict[str, Any]]] = {"full": {}, "demo": DEMO}
