@@ -10,7 +10,8 @@ Timed at commit 8fbe77f on two idle cores (`make demo` from a clean clone): 23 m
 set-up included — dense 8.8 min, meta 2.8, sweep 2.6, selector 1.9, fine-tune 1.8, static-plan
 fine-tune 0.8, evaluation 1.4, bench 0.6, report 0.1. Planned beforehand from the headline runs
 (fmnist-tiny on the 2-core development machine: dense training ~200 img/s, the meta-network's
-sandwich ~35 img/s, a selector update of 128 images ~1.8 s, the adaptive model ~400 img/s at inference) and from a demo run on a
+sandwich ~35 img/s, a selector update of 128 images ~1.8 s, the adaptive model ~400 img/s at
+inference) and from a demo run on a
 slice of the data on the same machine under a load about 7 times slower, stage by stage:
 
     dense 2 epochs (108k images + validation, ~9.5 min) · meta-network 120 steps of 64 (~4 min) ·
