@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from prance.errors import PranceError
 
@@ -91,3 +91,13 @@ def removed_if_left_empty(folders: Iterable[str | os.PathLike[str]]) -> Iterator
             except OSError:
                 pass
         raise
+
+def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in the existing file ``path``, or one error line naming ``what`` it holds."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PranceError(f"{what} {path} is not valid YAML ({type(e).__name__}); fix its syntax") from None
+

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from prance.accounting import CostedReducer, macs_per_sample, params_per_sample, token_fractions
 from prance.config import SearchSpace, ViTConfig
 from prance.errors import PranceError
-from prance.files import atomic_write
+from prance.files import atomic_write, load_yaml
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 
@@ -184,14 +184,9 @@ def plans_from_spec(
 
 
 def _plans_from_yaml(path: Path, config: ViTConfig, space: SearchSpace) -> list[tuple[str, Plan]]:
-    import yaml
-
     if not path.is_file():
         raise PranceError(f"--plan {path}: not max, min, random:K or an existing YAML file; check the value")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise PranceError(f"plan file {path} is not valid YAML ({type(e).__name__}); fix its syntax") from None
+    data = load_yaml(path, "plan file")
     entries = data if isinstance(data, list) else [data]
     plans = []
     for i, entry in enumerate(entries):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prance.errors import PranceError
+from prance.files import load_yaml
 
 NOT_RUN = "not run yet"
 #: What a run folder holds (README: the run folder); a folder with none of them is not a run.
@@ -66,15 +67,10 @@ class RunFiles:
         return self._cache[rel]
 
     def yaml(self, rel: str) -> Any | None:
-        import yaml
-
         path = self.root / rel
         if not path.is_file():
             return None
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise PranceError(f"{path} is corrupt ({type(e).__name__}); fix it or re-run `prance run`") from None
+        data = load_yaml(path, "run file")
         self.sources[rel] = str(path.resolve())
         return data
 

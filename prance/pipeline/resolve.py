@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from prance.errors import PranceError
+from prance.files import load_yaml
 from prance.pipeline.config import DATASETS, RUN_FIELDS, STAGES, RunConfig
 
 #: Largest image side a folder's images are resized to when the model is trained from scratch (no --init).
@@ -45,15 +46,10 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None, flags: Map
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML mapping from ``path``, or a one-line error."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise PranceError(f"--config {path}: file not found; give a YAML file (e.g. a run's config.yaml)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise PranceError(f"config {path} is not valid YAML ({type(e).__name__}); fix its syntax") from None
+    values = load_yaml(path, "config")
     if values is None:
         return {}
     if not isinstance(values, dict):
