@@ -22,7 +22,7 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     t.add_argument("--data", default=None, help="fashion-mnist (default) or folder")
     t.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an ImageNet-style root/{train,val}")
     t.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 10)")
-    t.add_argument("--batch-size", type=int, default=None, help="images per step (default 128)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 1)")
     t.add_argument("--limit", type=int, default=None, help="train on a random subset of this many images")

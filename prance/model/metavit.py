@@ -88,13 +88,14 @@ class MetaViT(nn.Module):
         self.check_input(x)
         if mode not in MODES:
             raise PranceError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        plan = self.full_plan if plan is None else plan
-        plan = plan.validate(self.config, self.space).expand(x.shape[0])
+        plan = (self.full_plan if plan is None else plan).validate(self.config, self.space)
         if mode == "masked":
             if reducer is not None:
                 raise PranceError("static token reducers run in physical mode only; use mode='physical'")
-            return self._forward_masked(x, plan, trace)
-        groups = plan.groups()
+            return self._forward_masked(x, plan.expand(x.shape[0]), trace)
+        if plan.batch_size == 1:  # one plan for the batch: nothing to group
+            return self.forward_shared_plan(x, plan, reducer, trace)
+        groups = plan.expand(x.shape[0]).groups()
         if len(groups) == 1:
             return self.forward_shared_plan(x, plan.select(0), reducer, trace)
         if trace is not None:

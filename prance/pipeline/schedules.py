@@ -1,7 +1,7 @@
 """Named schedules of ``prance run``: the stage values ``--schedule NAME`` starts from.
 
 ``full`` is the recipe of the headline runs — the stage dataclasses' own defaults (dense 25
-epochs at lr 1e-3 with 2 warm-up epochs, batch 128; meta-network 2 epochs down to keep 0.25;
+epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to keep 0.25;
 12 static subnets; 300 selector updates; 1 epoch of joint and of static-plan fine-tuning;
 bench at batch 1 and 64). ``demo`` shows the whole method on Fashion-MNIST in at most about
 half an hour on two idle CPU cores: every stage runs on the full data sets, only shorter.

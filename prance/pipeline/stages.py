@@ -266,24 +266,30 @@ def bench(ctx: Context) -> None:
 
     import torch
 
-    from prance.bench import METHODS, benchmark, format_table, load_images, load_model, write_outputs
+    from prance.bench import (METHODS, MethodOptions, benchmark, format_table, load_images, load_model,
+                              load_static_plan, write_outputs)
 
     cfg, b = ctx.cfg, ctx.cfg.bench
     checkpoint, out = ctx.path("finetune", "adaptive.pt"), ctx.path("bench")
+    static_plan = ctx.path("static_finetune", "plan.yaml")  # the static subnet is the static-plan fine-tune's plan
     pool = b.pool or max(64, *b.batch_sizes)
     command = shlex.join(["prance", "bench", "--checkpoint", str(checkpoint), "--batch-sizes",
                           ",".join(map(str, b.batch_sizes)), "--runs", str(b.runs), "--warmup", str(b.warmup),
-                          "--rounds", str(b.rounds), "--pool", str(pool), "--seed", str(cfg.seed), "--device",
-                          cfg.device, "--out", str(out)] + ([] if b.threads is None else ["--threads", str(b.threads)]))
+                          "--rounds", str(b.rounds), "--pool", str(pool), "--static-plan", str(static_plan),
+                          "--seed", str(cfg.seed), "--device", cfg.device, "--out", str(out)]
+                         + ([] if b.threads is None else ["--threads", str(b.threads)]))
     threads = torch.get_num_threads()
     if b.threads is not None:
         torch.set_num_threads(b.threads)
     try:
         subject = load_model(str(checkpoint))
         images = load_images(subject, None, cfg.data_dir, pool, cfg.seed)
+        options = MethodOptions(static_plans=load_static_plan(static_plan, subject.model),
+                                static_source=str(static_plan))
         result = benchmark(subject.adaptive, batch_sizes=b.batch_sizes, methods=METHODS, runs=b.runs,
                            warmup=b.warmup, rounds=b.rounds, images=images.tensor, images_label=images.label,
-                           image_indices=images.indices, pool=pool, seed=cfg.seed, model_label=subject.label,
+                           image_indices=images.indices, pool=pool, options=options, seed=cfg.seed,
+                           model_label=subject.label,
                            command=command, log=lambda s: print(s, file=sys.stderr, flush=True), device=cfg.device)
     finally:
         torch.set_num_threads(threads)

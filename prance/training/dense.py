@@ -76,7 +76,9 @@ class DenseTrainConfig:
     num_workers: int = 0  # DataLoader processes; Fashion-MNIST transforms whole batches, 0 is fastest on 2 cores
     # --- optimisation
     epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # images per step (and process)
+    # images per step (and process). On 2 CPU cores 64 trains as many images per second as 128 with twice the
+    # steps: 62.9 vs 55.6 % holdout top-1 after 2 epochs of 12.8k images (32: 63.4 %, 13 % slower).
+    batch_size: int = 64
     lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
     min_lr: float = 1e-5  # learning rate at the end of the cosine
     warmup_epochs: float = 1.0  # linear warm-up from 0, counted in (fractional) epochs, applied per step

@@ -76,6 +76,12 @@ def test_every_stage_writes_its_files_and_the_results_come_from_the_test_split(f
         "max", f"evit:{match_evit_keep(model, target)}", f"tome:{match_tome_r(model, target)}"]
     sweep = json.loads((finished_run / "sweep" / "sweep.json").read_text())
     assert sweep["test_images"] == LIMIT and all("test_top1_dense" in r for r in sweep["rows"])
+    # The bench's static subnet is the static-plan fine-tune's plan, so that baseline's row carries a speed.
+    bench = json.loads((finished_run / "bench" / "bench.json").read_text())
+    timed = bench["meta"]["methods"]["static-subnet"]
+    plan = yaml.safe_load((finished_run / "static_finetune" / "plan.yaml").read_text())
+    assert timed["source"] == f"plan {plan.pop('name')!r} from {finished_run / 'static_finetune' / 'plan.yaml'}"
+    assert timed["plan"] == plan
 
 
 @pytest.mark.slow
