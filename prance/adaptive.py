@@ -166,9 +166,10 @@ class AdaptiveViT(nn.Module):
         return self
 
     # ------------------------------------------------------------------ files
-    def checkpoint(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The versioned checkpoint dict of this adaptive model."""
-        ckpt = make_checkpoint(self.model, KIND, metrics=metrics, split=self.split or None)
+    def checkpoint(self, metrics: Mapping[str, Any] | None = None, args: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+        """The versioned checkpoint dict of this adaptive model (``args``: how the run that made it was set)."""
+        ckpt = make_checkpoint(self.model, KIND, metrics=metrics, args=args, split=self.split or None)
         ckpt["selector"] = selector_record(self.selector)
         ckpt["budget"] = self.budget
         ckpt["calibration"] = dict(self.calibration)
@@ -176,9 +177,10 @@ class AdaptiveViT(nn.Module):
             ckpt["representatives"] = self.representatives.record()
         return ckpt
 
-    def save(self, path: str | os.PathLike[str], metrics: Mapping[str, Any] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], metrics: Mapping[str, Any] | None = None,
+             args: Mapping[str, Any] | None = None) -> Path:
         """Write the model to ``path`` atomically."""
-        return atomic_save(self.checkpoint(metrics), path)
+        return atomic_save(self.checkpoint(metrics, args), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "AdaptiveViT":

@@ -16,9 +16,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     r = sub.add_parser("round-up", parents=[debug], help="round an adaptive model's decisions up to K per stage "
                        "(fewer distinct plans, faster batches)",
                        description="Learn, on the adaptive model's holdout, K representative decisions per stage "
-                       "and round every image's decision up to the first (cheapest on the holdout) that covers it (never less compute "
-                       "than the selector asked), with the calibration knob set again so the mean MACs still land "
-                       "on the budget. Writes a new adaptive file; the input is left as it is.")
+                       "and round every image's decision up to the first (cheapest on the holdout) that covers it "
+                       "(never less compute than the selector asked), with the calibration knob set again so the "
+                       "mean MACs still land on the budget. Writes a new adaptive file; the input is left as it is.")
     r.add_argument("--checkpoint", required=True, help="an adaptive model (RUN/adaptive.pt of train-selector)")
     r.add_argument("--k", type=int, required=True,
                    help="representative decisions per stage, the full-size one included (1: every stage full size)")
@@ -49,8 +49,9 @@ def command(args: argparse.Namespace) -> None:
 
     record = round_up_file(args.checkpoint, args.k, out, holdout_limit=args.holdout_limit, data_dir=args.data_dir,
                            seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device))
-    before = record["without_round_up"]
+    before = {k: record["without_round_up"].get(k, float("nan"))
+              for k in ("holdout_macs_ratio", "holdout_top1", "knob")}
     print(f"round-up K={args.k} on {record['holdout_images']} held-out images: MACs {record['holdout_macs_ratio']:.4f} "
           f"of dense, top-1 {record['holdout_top1']:.2f}%, knob {record['knob']:+.4f} (without: MACs "
-          f"{before.get('holdout_macs_ratio', float('nan')):.4f}, top-1 {before.get('holdout_top1', float('nan')):.2f}%, "
-          f"knob {before.get('knob', float('nan')):+.4f}); wrote {out}")
+          f"{before['holdout_macs_ratio']:.4f}, top-1 {before['holdout_top1']:.2f}%, knob {before['knob']:+.4f}); "
+          f"wrote {out}")

@@ -24,7 +24,8 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="dense starting point: a prance checkpoint (e.g. RUN/best.pt) or a local timm/DeiT .pth")
     m.add_argument("--preset", default=None, help="without --init: start from a random preset (smoke tests only)")
     m.add_argument("--teacher", default=None, metavar="PATH|init",
-                   help="frozen dense teacher for distillation (a checkpoint or timm .pth; 'init' = the --init weights)")
+                   help="frozen dense teacher for distillation (a checkpoint or timm .pth; 'init' = the --init "
+                   "weights)")
     m.add_argument("--distill-from", choices=("largest", "teacher"), default="largest",
                    help="soft targets of the smaller subnets: the largest subnet (in-place, default) or the teacher")
     m.add_argument("--num-random", type=int, default=2, help="random subnets per step besides largest and smallest "

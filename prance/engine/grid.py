@@ -61,7 +61,8 @@ class _Grid:
     def rows_of(self, g: _Group) -> torch.Tensor:
         """``[T]`` grid row (``slot * n_max + token``) of every packed row of ``g`` (cached on ``g``)."""
         if g.grid_rows is None:
-            within = torch.arange(len(g.x), device=g.counts.device) - torch.repeat_interleave(g.offsets()[:-1], g.counts)
+            starts = torch.repeat_interleave(g.offsets()[:-1], g.counts)
+            within = torch.arange(len(g.x), device=g.counts.device) - starts
             g.grid_rows = torch.repeat_interleave(self.slot[g.images] * self.n_max, g.counts) + within
         return g.grid_rows
 

@@ -170,7 +170,8 @@ def regroup(groups: list[_Group], new_widths: list[int], stage_map: StageMap,
             x = mapped if bool(changed.all()) else torch.where(
                 torch.repeat_interleave(changed, g.counts)[:, None], mapped, x)
         if bool((new_w != w_top).any()):  # zero every row beyond its own new width
-            x = x * (torch.arange(w_top, device=x.device) < torch.repeat_interleave(new_w, g.counts)[:, None]).to(x.dtype)
+            row_width = torch.repeat_interleave(new_w, g.counts)[:, None]
+            x = x * (torch.arange(w_top, device=x.device) < row_width).to(x.dtype)
         dest = torch.tensor([target[w] for w in new_w.tolist()], device=g.counts.device)
         wanted = dest.unique().tolist()
         if len(wanted) == 1:

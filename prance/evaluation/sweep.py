@@ -40,7 +40,8 @@ from prance.training.subnets import (
 )
 
 # ----------------------------------------------------------------------------- which subnets
-def candidate_subnets(config: ViTConfig, space: SearchSpace, num_random: int = 64, seed: int = 0) -> list[tuple[str, Plan]]:
+def candidate_subnets(config: ViTConfig, space: SearchSpace, num_random: int = 64, seed: int = 0
+                      ) -> list[tuple[str, Plan]]:
     """Named one-row plans: max, min (fewest tokens too), every uniform (width, MLP ratio) pair at
     a few keep ratios of the space's token mode, and random ones drawn as meta-training draws them.
 
@@ -329,8 +330,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, best: dict[str, Any] 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of a sweep (one line per subnet)."""
     extra = [k for k in rows[0] if k.startswith("test_top1_")]
-    head = ["subnet", "GMACs", "params (M)", "holdout top-1", "test top-1", *[k.removeprefix("test_top1_") + " test top-1"
-                                                                          for k in extra]]
+    head = ["subnet", "GMACs", "params (M)", "holdout top-1", "test top-1",
+            *[k.removeprefix("test_top1_") + " test top-1" for k in extra]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['gmacs']:.4f}", f"{r['params_m']:.3f}", f"{r['holdout_top1']:.2f}",

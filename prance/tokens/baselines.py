@@ -162,4 +162,5 @@ def parse_reducer(spec: str) -> EViTReducer | ToMeReducer:
             return ToMeReducer(int(value))
     except ValueError:
         pass
-    raise PranceError(f"unknown baseline {spec!r}; use evit:KEEP (e.g. evit:0.7), evit-fuse:KEEP or tome:R (e.g. tome:4)")
+    raise PranceError(f"unknown baseline {spec!r}; use evit:KEEP (e.g. evit:0.7), evit-fuse:KEEP or tome:R "
+                      "(e.g. tome:4)")

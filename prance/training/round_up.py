@@ -90,7 +90,8 @@ def round_up_file(checkpoint: str | os.PathLike[str], k: int, out: str | os.Path
                                  seed=seed)
     record = calibrate_with_round_up(adaptive, holdout, k, batch_size=batch_size)
     adaptive.save(Path(out), metrics={"holdout_top1": record["holdout_top1"],
-                                      "holdout_macs_ratio": record["holdout_macs_ratio"]})
+                                      "holdout_macs_ratio": record["holdout_macs_ratio"]},
+                  args={"adaptive": str(checkpoint), "round_up": k, "holdout_limit": holdout_limit, "seed": seed})
     return record
 
 

@@ -290,7 +290,7 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
                         f"{calibration['knob']:+.4f}, MACs {calibration['holdout_macs_ratio']:.4f} of dense, top-1 "
                         f"{calibration['holdout_top1']:.2f}%")
         metrics = {k: calibration[k] for k in ("holdout_top1", "holdout_macs_ratio")}
-        adaptive.save(folder.path / ADAPTIVE, metrics=metrics)
+        adaptive.save(folder.path / ADAPTIVE, metrics=metrics, args=args)
         plot_curves(folder.path / LOG, folder.path / CURVES)
         folder.log.write(event="end", update=update, calibration=adaptive.calibration)
         for line in said:

@@ -52,6 +52,8 @@ def test_every_stage_writes_its_files_and_the_results_come_from_the_test_split(f
     meta_args = load_checkpoint(finished_run / "meta" / "best.pt")["args"]["run"]
     assert Path(meta_args["init"]) == finished_run / "dense" / "best.pt" and meta_args["teacher"] == "init"
     assert meta_args["space"]["token_mode"] == "merge"
+    selector_args = load_checkpoint(finished_run / "selector" / "adaptive.pt")["args"]
+    assert Path(selector_args["meta"]) == finished_run / "meta" / "best.pt"
     joint_args = load_checkpoint(finished_run / "finetune" / "adaptive.pt")["args"]
     assert Path(joint_args["adaptive"]) == finished_run / "selector" / "adaptive.pt"
     assert Path(joint_args["teacher"]) == finished_run / "dense" / "best.pt"
