@@ -47,6 +47,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/run", help="run folder (default runs/run); the same --out continues it")
     p.add_argument("--restart-from", default=None, choices=STAGES, metavar="STAGE",
                    help=f"redo this stage and every later one ({', '.join(STAGES)}); earlier ones are kept")
+    p.add_argument("--reuse", default=None, metavar="RUN",
+                   help="copy from the run folder RUN its leading stages done there with these same settings instead "
+                        "of running them again (e.g. its dense model and meta-network for another budget)")
     p.add_argument("--dense-epochs", type=int, default=None, help="dense training epochs")
     p.add_argument("--meta-epochs", type=int, default=None, help="meta-network training epochs")
     p.add_argument("--selector-updates", type=int, default=None, help="PPO updates of the selector")
@@ -72,6 +75,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def command(args: argparse.Namespace) -> None:
     from prance.pipeline import run_pipeline
 
-    run = run_pipeline(config_from_args(args), args.out, restart_from=args.restart_from)
+    run = run_pipeline(config_from_args(args), args.out, restart_from=args.restart_from, reuse=args.reuse)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run / 'report.md'} (settings {run / 'config.yaml'}, stages {run / 'stages.json'})")

@@ -80,21 +80,29 @@ class Ledger:
         entry["seconds"] = round(float(entry.get("seconds", 0.0)) + seconds, 1)
         self._save()
 
+    def adopt(self, stage: str, record: Mapping[str, Any], source: Path) -> None:
+        """Record ``stage`` as done by another run folder (``source``), with that run's record of it."""
+        self.stages[stage] = {**record, "reused_from": str(source)}
+        self._save()
+
+    def changed(self, stage: str, settings: Mapping[str, Any]) -> str | None:
+        """The first setting that ``stage`` was recorded with and ``settings`` change (None: none does)."""
+        before = self.stages.get(stage, {}).get("settings", {})
+        return next((name for name in sorted(set(before) | set(settings))
+                     if compared(name) and before.get(name) != settings.get(name)), None)
+
     def check_unchanged(self, settings: Mapping[str, Mapping[str, Any]], config_file: Path,
                         stages: Sequence[str] = STAGES) -> None:
         """Refuse the first recorded stage of ``stages`` whose settings differ from ``settings`` (this run's)."""
         for stage in stages:
-            recorded = self.stages.get(stage)
-            if recorded is None:
-                continue
-            before, now = recorded.get("settings", {}), settings[stage]
-            for name in sorted(set(before) | set(now)):
-                if compared(name) and before.get(name) != now.get(name):
-                    raise PranceError(
-                        f"{self.run} ran stage {stage} with {name}={_show(before.get(name))}, now "
-                        f"{name}={_show(now.get(name))}: its results and every later stage's depend on it; pass "
-                        f"--restart-from {stage} to redo them (earlier stages are kept), choose a new --out, or "
-                        f"repeat the run's settings (--config {config_file})")
+            name = self.changed(stage, settings[stage]) if stage in self.stages else None
+            if name is not None:
+                before = self.stages[stage].get("settings", {}).get(name)
+                raise PranceError(
+                    f"{self.run} ran stage {stage} with {name}={_show(before)}, now "
+                    f"{name}={_show(settings[stage].get(name))}: its results and every later stage's depend on it; "
+                    f"pass --restart-from {stage} to redo them (earlier stages are kept), choose a new --out, or "
+                    f"repeat the run's settings (--config {config_file})")
 
     def _save(self) -> None:
         if self.writer:

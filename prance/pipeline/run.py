@@ -21,6 +21,7 @@ file system every process sees.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from prance.errors import PranceError
 from prance.files import atomic_write
 from prance.pipeline.config import STAGES, RunConfig, stage_settings, to_yaml
-from prance.pipeline.ledger import Ledger
+from prance.pipeline.ledger import LEDGER, Ledger
 from prance.pipeline.stages import STAGE_LIST, Context, remove_outputs
 
 if TYPE_CHECKING:
@@ -43,8 +44,11 @@ STAGE_WAIT = timedelta(hours=24)
 
 
 def run_pipeline(cfg: RunConfig, out: str | os.PathLike[str], *, restart_from: str | None = None,
-                 say: Callable[[str], None] = print) -> Path:
-    """Run (or continue) every stage of ``cfg`` in the run folder ``out``; returns its absolute path."""
+                 reuse: str | os.PathLike[str] | None = None, say: Callable[[str], None] = print) -> Path:
+    """Run (or continue) every stage of ``cfg`` in the run folder ``out``; returns its absolute path.
+
+    ``reuse`` — another run folder whose leading stages, done there with exactly these settings, are copied
+    instead of run again (e.g. one dense model and meta-network for runs at several budgets)."""
     from prance.devices import resolve_device
     from prance.training.run import close_distributed, init_distributed
 
@@ -55,6 +59,7 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike[str], *, restart_from: s
         raise PranceError(f"--restart-from {restart_from}: unknown stage; use one of {', '.join(STAGES)}")
     resolve_device(cfg.device)  # a missing GPU is an error before anything is written
     redo = STAGES.index(restart_from) if restart_from is not None else len(STAGES)
+    source = None if reuse is None else _reuse_source(Path(reuse), run)
     settings = {stage: stage_settings(cfg, stage) for stage in STAGES}
     Ledger.read(run, writer=False).check_unchanged(settings, run / CONFIG, STAGES[:redo])
     if cfg.threads is not None:
@@ -63,14 +68,15 @@ def run_pipeline(cfg: RunConfig, out: str | os.PathLike[str], *, restart_from: s
         torch.set_num_threads(cfg.threads)
     group = init_distributed(cfg.device, timeout=STAGE_WAIT)  # one process group for every stage (torchrun)
     try:
-        _stages(cfg, run, restart_from, set(STAGES[redo:]), settings, group, say)
+        _stages(cfg, run, restart_from, set(STAGES[redo:]), settings, group, say, source)
     finally:
         close_distributed(group)
     return run
 
 
 def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str],
-            settings: dict[str, dict[str, Any]], group: DistContext, say: Callable[[str], None]) -> None:
+            settings: dict[str, dict[str, Any]], group: DistContext, say: Callable[[str], None],
+            source: Path | None) -> None:
     """Set the run folder up (rank 0), then each stage: skipped if done, else run where it runs, recorded."""
     writer = group.is_main
     if writer:
@@ -84,6 +90,10 @@ def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str]
                 say(f"== restarting from {restart_from}: {', '.join(forgotten)} start over")
         text = to_yaml(cfg)
         atomic_write(run / CONFIG, lambda f: f.write(text.encode()))
+        if source is not None:
+            taken = _reuse(Context(cfg, run), source, ledger, settings, fresh)
+            say(f"== reusing {', '.join(taken)} of {source} (done there with these settings)" if taken else
+                f"== nothing to reuse from {source}: no stage done there with these settings that this run lacks")
     group.barrier()  # every process reads the record rank 0 prepared
     if not writer:
         ledger = Ledger.read(run, writer=False)
@@ -128,6 +138,38 @@ def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str]
             say(f"{head} done in {_duration(seconds)}")
         if index < last_training:
             group.barrier()  # the next training stage reads what rank 0 wrote
+
+
+def _reuse_source(source: Path, run: Path) -> Path:
+    """The run folder ``--reuse`` names, checked before anything is written."""
+    source = source.resolve()
+    if not (source / LEDGER).is_file():
+        raise PranceError(f"--reuse {source}: not a prance run folder (no {LEDGER}); give the --out of an earlier "
+                          "`prance run`")
+    if source == run:
+        raise PranceError(f"--reuse {source} is this run's own folder; give another run's --out")
+    return source
+
+
+def _reuse(ctx: Context, source: Path, ledger: Ledger, settings: dict[str, dict[str, Any]],
+           fresh: set[str]) -> list[str]:
+    """Copy from ``source`` its leading stages done there with ``settings`` (folder and record) into this run,
+    except those done here already and not to be redone; returns the stages copied. Stops at the first stage
+    that differs, is not done there, or has no folder of its own (the report, cheap to redo)."""
+    theirs = Ledger.read(source, writer=False)
+    taken = []
+    for stage in STAGE_LIST:
+        name = stage.name
+        if stage.folder is None or not theirs.done(name) or theirs.changed(name, settings[name]) is not None:
+            break
+        if ledger.done(name) and name not in fresh:
+            continue
+        remove_outputs(ctx, stage)
+        shutil.copytree(source / stage.folder, ctx.path(stage.folder))
+        ledger.adopt(name, theirs.stages[name], source)
+        fresh.discard(name)
+        taken.append(name)
+    return taken
 
 
 def _duration(seconds: float) -> str:

@@ -216,3 +216,31 @@ def test_a_stage_recorded_done_without_its_files_is_refused(
     (run / "sweep" / "sweep.json").unlink()
     cli_error(capsys, run_argv(tiny_config(tmp_path), run), "stage sweep is recorded done but sweep/sweep.json is "
               "missing", "--restart-from sweep")
+
+
+@pytest.mark.slow
+def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_the_rest(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path)
+    run = tmp_path / "budget-0.6"
+    assert main(run_argv(config, run, "--budget", "0.6", "--reuse", str(finished_run))) == 0
+    out = capsys.readouterr().out
+    # The budget changes the sweep's choice and everything after it: dense and meta are taken, the rest runs.
+    assert f"== reusing dense, meta of {finished_run}" in out and out.count("done already") == 2
+    for name in ("dense/best.pt", "meta/best.pt", "meta/log.jsonl"):
+        assert (run / name).read_bytes() == (finished_run / name).read_bytes(), name
+    record = json.loads((run / "stages.json").read_text())
+    assert [s for s in STAGES if "reused_from" in record[s]] == ["dense", "meta"]
+    assert record["meta"]["reused_from"] == str(finished_run) and record["sweep"]["settings"]["budget"] == 0.6
+    selector = load_checkpoint(run / "selector" / "adaptive.pt")
+    assert selector["budget"] == 0.6 and Path(selector["args"]["meta"]) == run / "meta" / "best.pt"
+    assert (run / "report.md").is_file()
+
+    # Running it again skips everything; a folder that is no run is refused before anything is written.
+    assert main(run_argv(config, run, "--budget", "0.6", "--reuse", str(finished_run))) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == len(STAGES) and "nothing to reuse" in out
+    cli_error(capsys, run_argv(config, tmp_path / "new", "--reuse", str(tmp_path / "nothing")),
+              "--reuse", "not a prance run folder", "stages.json")
+    cli_error(capsys, run_argv(config, run, "--budget", "0.6", "--reuse", str(run)), "this run's own folder")
+    assert not (tmp_path / "new").exists()
