@@ -1,6 +1,7 @@
 # PRANCE: set-up, tests, the demo and the headline run.
 #   make demo        set up, then the whole pipeline on Fashion-MNIST with the short schedule (prance run --schedule demo)
 #   make reproduce   set up, then the whole pipeline with the headline schedule (prance run --schedule full)
+#   make headline    after reproduce: merge at budgets 0.35 and 0.7, prune and prune_merge at 0.5, one table
 #   make test        set up, then run the test suite
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -14,13 +15,17 @@ STAMP := $(VENV)/.prance-setup-done
 # and continues an interrupted one (delete the folder, or add RUN_FLAGS="--restart-from STAGE", to redo).
 DEMO_DIR ?= runs/demo
 REPRODUCE_DIR ?= runs/reproduce
+HEADLINE_DIR ?= runs/headline
+# The headline operating points besides reproduce's merge at 0.5 (mode-budget); each reuses what it shares with it.
+HEADLINE_RUNS := merge-0.35 merge-0.7 prune-0.5 prune_merge-0.5
 RUN_FLAGS ?=
 
-.PHONY: help setup data test demo reproduce
+.PHONY: help setup data test demo reproduce headline
 
 help:
 	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (23 min on 2 idle cores, set-up included), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
+	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
 	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
@@ -48,3 +53,12 @@ demo: setup data
 reproduce: setup data
 	@echo "== reproduce: prance run --schedule full into $(REPRODUCE_DIR) (hours on 2 CPU cores); 'make reproduce' continues"
 	$(PY) -m prance run --schedule full --out $(REPRODUCE_DIR) $(RUN_FLAGS)
+
+# Reuses reproduce's dense model (and, for merge, its meta-network): only what a mode or budget changes runs.
+headline: reproduce
+	@for run in $(HEADLINE_RUNS); do \
+		echo "== headline: $$run into $(HEADLINE_DIR)/$$run"; \
+		$(PY) -m prance run --schedule full --mode $${run%-*} --budget $${run##*-} --reuse $(REPRODUCE_DIR) \
+			--out $(HEADLINE_DIR)/$$run $(RUN_FLAGS) || exit 1; \
+	done
+	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) --out $(HEADLINE_DIR)

@@ -12,6 +12,7 @@ Commands (one module each in this package; shared flags and checks in ``common.p
     bench           wall-clock speed of PRANCE and its baselines at matched MACs (timm-style benchmark)
     visualize       PNG of the patches kept, merged and pruned per stage
     report          report.md, results.json and figures of a `prance run` folder, from its own files
+    compare         several run folders' headline rows in one table and plot
 
 Every problem the user can fix is reported as one line, ``prance: error: <problem; fix>``,
 with exit code 2 and no traceback (``--debug`` shows it). Anything else is a bug and
@@ -26,13 +27,14 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from prance.cli import (bench, evaluate, finetune, report, round_up, run, sweep, train_dense, train_meta,
+from prance.cli import (bench, compare, evaluate, finetune, report, round_up, run, sweep, train_dense, train_meta,
                         train_selector, visualize)
 from prance.errors import PranceError
 from prance.files import removed_if_left_empty
 
 #: One module per command, in the order ``prance --help`` lists them.
-COMMANDS = (run, train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize, report)
+COMMANDS = (run, train_dense, evaluate, train_meta, sweep, train_selector, finetune, round_up, bench, visualize, report,
+            compare)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "func", None) is None:
             raise PranceError("give a command: run, train-dense, evaluate, train-meta, sweep, train-selector, "
-                              "finetune, round-up, bench, visualize or report (see `prance --help`)")
+                              "finetune, round-up, bench, visualize, report or compare (see `prance --help`)")
         with removed_if_left_empty(_output_folders(args)):
             args.func(args)
         return 0

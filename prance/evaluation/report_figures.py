@@ -102,6 +102,41 @@ def pareto(rows: Sequence[dict[str, Any]], sweep: Sequence[dict[str, Any]], best
     return _save(fig, out)
 
 
+def runs_pareto(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
+    """Test top-1 against MACs / dense over several runs (``prance compare``): one series per method and
+    token mode, its points joined in MACs order, PRANCE's labelled with their run's budget."""
+    points = [r for r in rows if r.get("top1") is not None and r.get("macs_ratio") is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    lines = ("-", "--", ":", "-.")
+    modes = list(dict.fromkeys(str(r["mode"]) for r in points))
+    for key in dict.fromkeys(r["key"] for r in points):
+        marker, colour, size = STYLE.get(key, ("o", "purple", 60))
+        for mode in modes:
+            series = sorted((r for r in points if r["key"] == key and str(r["mode"]) == mode),
+                            key=lambda r: r["macs_ratio"])
+            if not series:
+                continue
+            xs, ys = [r["macs_ratio"] for r in series], [r["top1"] for r in series]
+            face = "none" if colour == "none" else colour
+            ax.plot(xs, ys, lines[modes.index(mode) % len(lines)], color="tab:red" if face == "none" else face,
+                    lw=0.8, marker=marker, markersize=math.sqrt(size), markerfacecolor=face,
+                    markeredgecolor="black", label=f"{series[0]['method'].split(' (')[0]} ({mode})")
+            if key == "prance":
+                for r in series:
+                    ax.annotate(f"{r['budget']:g}", (r["macs_ratio"], r["top1"]), xytext=(4, -10),
+                                textcoords="offset points", fontsize=7)
+    ax.set_xlabel("mean MACs / dense (selector included)")
+    ax.set_ylabel("top-1 on the test split (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("runs compared: accuracy against compute (PRANCE labelled with its budget)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 # ----------------------------------------------------------------------------- per-image decisions
 def decided_keep_columns(records: Sequence[dict[str, Any]]) -> list[str]:
     """The keep-ratio columns the selector actually varied (``keep``, ``merge_keep`` or both)."""

@@ -67,3 +67,25 @@ def copy_run(run: Path, to: Path, stages: tuple[str, ...] | None = None) -> Path
         shutil.copytree(run / stage, to / stage)
     (to / "stages.json").write_text(json.dumps({s: record[s] for s in stages}))
     return to
+
+
+@pytest.fixture(scope="session")
+def budget_run(finished_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny run at budget 0.6 reusing ``finished_run``'s dense model and meta-network, and what it printed
+    (do not change it)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from prance.cli import main
+
+    folder = tmp_path_factory.mktemp("budget")
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert main(run_argv(tiny_config(folder), folder / "run", "--budget", "0.6", "--reuse",
+                                 str(finished_run))) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "run", printed.getvalue()

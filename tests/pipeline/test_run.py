@@ -220,11 +220,9 @@ def test_a_stage_recorded_done_without_its_files_is_refused(
 
 @pytest.mark.slow
 def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_the_rest(
-        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        finished_run: Path, budget_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tiny_config(tmp_path)
-    run = tmp_path / "budget-0.6"
-    assert main(run_argv(config, run, "--budget", "0.6", "--reuse", str(finished_run))) == 0
-    out = capsys.readouterr().out
+    run, out = copy_run(budget_run[0], tmp_path / "budget-0.6"), budget_run[1]
     # The budget changes the sweep's choice and everything after it: dense and meta are taken, the rest runs.
     assert f"== reusing dense, meta of {finished_run}" in out and out.count("done already") == 2
     for name in ("dense/best.pt", "meta/best.pt", "meta/log.jsonl"):
@@ -233,7 +231,7 @@ def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_th
     assert [s for s in STAGES if "reused_from" in record[s]] == ["dense", "meta"]
     assert record["meta"]["reused_from"] == str(finished_run) and record["sweep"]["settings"]["budget"] == 0.6
     selector = load_checkpoint(run / "selector" / "adaptive.pt")
-    assert selector["budget"] == 0.6 and Path(selector["args"]["meta"]) == run / "meta" / "best.pt"
+    assert selector["budget"] == 0.6 and Path(selector["args"]["meta"]) == budget_run[0] / "meta" / "best.pt"
     assert (run / "report.md").is_file()
 
     # Running it again skips everything; a folder that is no run is refused before anything is written.

@@ -1,0 +1,26 @@
+"""``prance compare RUN [RUN ...]``: several run folders' headline rows in one table and one plot."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """``compare``: the headline rows of several `prance run` folders side by side (nothing is re-run)."""
+    c = sub.add_parser("compare", parents=[debug], help="several prance run folders in one table and plot",
+                       description="Put the headline rows of several `prance run` folders (e.g. one token mode at "
+                       "several budgets, or several modes) into OUT/comparison.md, comparison.json and "
+                       "comparison.png: test top-1, MACs / dense, parameters, tokens after the last stage and "
+                       "speed-up over the dense model of the same run's bench, read from each run's own files.")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the --out of `prance run`)")
+    c.add_argument("--out", required=True, help="folder for comparison.md, comparison.json and comparison.png")
+    c.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> None:
+    from prance.evaluation.compare import write_comparison
+
+    path = write_comparison(args.runs, args.out)
+    print(path.read_text(), end="")
+    print(f"wrote {path}, {path.parent / 'comparison.json'} and {path.parent / 'comparison.png'}")

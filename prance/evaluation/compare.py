@@ -1,0 +1,97 @@
+"""Several ``prance run`` folders side by side: one table over operating points (token modes, budgets).
+
+Each run contributes the rows of its own report (:func:`prance.evaluation.report.collect`), so every
+number still comes from that run's files and is on its test split. Speed-ups are each method's
+images per second over the dense row's in the same run's bench (one machine, one sitting); runs
+benchmarked apart are compared through those ratios, never through raw throughput.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prance.errors import PranceError
+from prance.evaluation.report import RunFiles, collect, source_commit
+
+#: What each row of the comparison keeps of a report row.
+ROW_KEYS = ("key", "method", "status", "top1", "images", "gmacs", "macs_ratio", "params_m", "token_fraction_last")
+
+
+def compare_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
+    """The headline rows of every run in ``runs`` (in that order), with speed-ups over the run's own dense."""
+    if not runs:
+        raise PranceError("give at least one run folder (the --out of `prance run`)")
+    folders = [Path(r).resolve() for r in runs]
+    repeated = next((f for i, f in enumerate(folders) if f in folders[:i]), None)
+    if repeated is not None:
+        raise PranceError(f"run folder {repeated} is given twice; name each run once")
+    rows, verdicts = [], []
+    for folder, label in zip(folders, run_labels(folders)):
+        results = collect(RunFiles(folder))
+        cfg = results.get("config") or {}
+        dense = next((r for r in results["rows"] if r["key"] == "dense"), None)
+        reference = dense["speed"] if dense else {}
+        for r in results["rows"]:
+            speedup = {b: s["images_per_s"] / reference[b]["images_per_s"] for b, s in r["speed"].items()
+                       if b in reference}
+            rows.append({"run": str(folder), "label": label, "mode": cfg.get("mode"), "budget": cfg.get("budget"),
+                         **{k: r[k] for k in ROW_KEYS}, "speedup": speedup})
+        verdicts.append({"run": str(folder), "label": label, "text": results["verdict"]["text"]})
+    return {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": source_commit(), "split": "test", "runs": [str(f) for f in folders], "rows": rows,
+            "verdicts": verdicts}
+
+
+def run_labels(folders: Sequence[Path]) -> list[str]:
+    """Short names of run folders: their own names, or their paths below the common parent where names repeat."""
+    names = [f.name for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath([str(f) for f in folders])
+    return [os.path.relpath(f, common) for f in folders]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    """The comparison as a Markdown document: one table, then each run's verdict."""
+    sizes = sorted({b for r in comparison["rows"] for b in r["speedup"]}, key=int)
+    head = ["run", "mode", "budget", "method", "top-1 (%)", "MACs / dense", "params (M)", "tokens after last stage"]
+    head += [f"speed-up @ batch {b}" for b in sizes]
+    lines = ["# PRANCE runs compared", "",
+             f"Written {comparison['generated']}" + (f" at commit `{comparison['commit'][:12]}`"
+                                                    if comparison["commit"] else "") +
+             ". Every number is on the test split and comes from its run's own files (its report's headline "
+             "rows); speed-ups are over the dense model in the same run's bench.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in comparison["rows"]:
+        top1 = _fmt(r["top1"], ".2f") if r["top1"] is not None else r["status"]
+        cells = [r["label"], str(r["mode"]), _fmt(r["budget"], "g"), r["method"], top1,
+                 _fmt(r["macs_ratio"], ".3f"), _fmt(r["params_m"], ".3f"), _fmt(r["token_fraction_last"], ".3f")]
+        cells += [_fmt(r["speedup"].get(b), ".2f") + ("×" if b in r["speedup"] else "") for b in sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Verdicts", ""] + [f"- `{v['label']}`: {v['text']}" for v in comparison["verdicts"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(runs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write OUT/comparison.md, comparison.json and comparison.png; returns the Markdown file."""
+    from prance.evaluation.evaluate import write_json
+    from prance.evaluation.report_figures import runs_pareto
+    from prance.files import atomic_write, check_writable_dir
+
+    comparison = compare_runs(runs)
+    out = check_writable_dir(out, "--out folder")
+    comparison["figure"] = "comparison.png" if runs_pareto(comparison["rows"], out / "comparison.png") else None
+    write_json(comparison, out / "comparison.json")
+    text = markdown(comparison)
+    return atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
+
+
+__all__ = ["compare_runs", "markdown", "write_comparison"]
