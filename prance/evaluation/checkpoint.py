@@ -100,7 +100,8 @@ def _adaptive(path: str, ckpt: Mapping[str, Any], budget: float | None, split: s
     if budget is not None:
         adaptive.set_budget(budget)
     dataset = checkpoint_dataset(ckpt, path, split=split, data=data, data_dir=data_dir, limit=limit, seed=seed)
-    summary, records = evaluate_adaptive(adaptive, DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    summary, records = evaluate_adaptive(adaptive, DataLoader(dataset, batch_size=batch_size, shuffle=False),
+                                         indices=dataset.indices.tolist())
     return {"checkpoint": path, "kind": ckpt["kind"], "data": dataset.info.name, "split": split,
             "device": str(device), "budget": adaptive.budget, "budget_range": list(adaptive.budget_range),
             "calibration": ckpt.get("calibration"), "summary": summary, "images": records}

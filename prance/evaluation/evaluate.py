@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +100,15 @@ def evaluate(
 
 def evaluate_adaptive(
     adaptive: Any, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, progress: bool | None = False,
-    desc: str = "evaluate"
+    desc: str = "evaluate", indices: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Top-1 and cost of an :class:`~prance.adaptive.AdaptiveViT`, and one record per image.
 
     Every image runs its own selector decisions; MACs include the selector's. The summary has
     the keys of :func:`evaluate` plus ``macs_ratio`` (mean MACs / dense MACs) and per-image
     MACs quantiles; each per-image record holds its label, prediction, MACs, tokens per stage
-    and the decisions (widths, MLP ratios, heads, keep ratios).
+    and the decisions (widths, MLP ratios, heads, keep ratios), and its ``index``: where the image sits in its
+    split (``indices``, in the loader's order; default: its position in the loader).
     """
     device = adaptive.model.cls_token.device
     records: list[dict[str, Any]] = []
@@ -119,7 +120,9 @@ def evaluate_adaptive(
             predictions = adaptive(images).argmax(-1)
             correct += int((predictions == labels).sum())
             for row, y, p in zip(adaptive.last.rows(), labels.tolist(), predictions.tolist()):
-                records.append({"index": len(records), "label": y, "prediction": p, **row})
+                k = len(records)
+                records.append({"index": k if indices is None else int(indices[k]), "label": y, "prediction": p,
+                                **row})
     seconds = time.perf_counter() - start
     n = len(records)
     if n == 0:

@@ -265,15 +265,18 @@ def _check_bench_model(row: dict[str, Any], bench: dict[str, Any] | None, prance
         return
     evaluated = {r["index"]: r["macs"] for r in prance_eval.get("images", [])}
     timed = list(zip(bench["meta"]["image_indices"], selector["macs"]))
-    differing = sum(evaluated.get(i) != m for i, m in timed)
-    if differing:
+    both = [(i, m) for i, m in timed if i in evaluated]  # record indices are places in the test split
+    differing = sum(evaluated[i] != m for i, m in both)
+    if differing or not both:
         row["speed"] = {}
         row["notes"].append(f"no speed: bench/bench.json timed another model ({bench['meta'].get('model')}): its "
-                            f"decisions cost other MACs than eval/prance.json's on {differing} of its {len(timed)} "
-                            "test images (or the evaluation covered only part of the test split)")
+                            f"decisions cost other MACs than eval/prance.json's on {differing} of the {len(both)} "
+                            "test images both hold" if both else "no speed: none of the test images bench timed "
+                            "is among those eval/prance.json evaluated, so bench cannot be shown to have timed "
+                            "the evaluated model")
     else:
-        row["notes"].append(f"speed: bench timed the evaluated decisions (the MACs of all {len(timed)} of its test "
-                            "images agree with eval/prance.json)")
+        row["notes"].append(f"speed: bench timed the evaluated decisions (the MACs of the {len(both)} of its "
+                            f"{len(timed)} test images that eval/prance.json covers agree with it)")
 
 
 def _operating_point(prance_eval: dict[str, Any] | None) -> dict[str, Any] | None:

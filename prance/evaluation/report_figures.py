@@ -222,10 +222,9 @@ def token_overlays(adaptive_path: Path, records: Sequence[dict[str, Any]], class
     """Run the adaptive model on ``count`` test images and draw, per stage, which patches it kept and merged
     (``prance.evaluation.visualize``), its decisions written beside each image.
 
-    The images spread over the per-image MACs of ``records`` (the eval stage's decisions on the whole test
-    split); records of another set of images give way to the first test images. Returns each image's
-    decisions as computed here, with the MACs the records hold for it (``eval_macs``) to compare, and the
-    model's token mode.
+    The images spread over the per-image MACs of ``records`` (the eval stage's decisions; each record's
+    ``index`` is the image's place in the test split). Returns each image's decisions as computed here, with
+    the MACs the records hold for it (``eval_macs``) to compare, and the model's token mode.
     """
     import torch
 
@@ -237,8 +236,7 @@ def token_overlays(adaptive_path: Path, records: Sequence[dict[str, Any]], class
     ckpt = load_checkpoint(adaptive_path)
     net = AdaptiveViT.from_checkpoint(ckpt, adaptive_path).to(device)
     dataset = checkpoint_dataset(ckpt, str(adaptive_path), split="test")
-    whole = len(records) == len(dataset)
-    indices = overlay_indices(records, count) if whole else list(range(min(count, len(dataset))))
+    indices = overlay_indices(records, count)
     images, labels = zip(*(dataset[i] for i in indices))
     batch = torch.stack(images).to(device)
     with torch.inference_mode():
@@ -246,7 +244,7 @@ def token_overlays(adaptive_path: Path, records: Sequence[dict[str, Any]], class
     stats = net.last
     by_index = {r["index"]: r for r in records}
     rows = [{"index": int(i), "label": int(y), "prediction": int(p), **row,
-             "eval_macs": by_index[i]["macs"] if whole else None}
+             "eval_macs": by_index[i]["macs"]}
             for i, y, p, row in zip(indices, labels, predictions, stats.rows())]
     keep = "merge_keep" if net.model.space.token_mode == "merge" else "keep"
     titles = [f"#{r['index']} {_name(class_names, r['label'])}→{_name(class_names, r['prediction'])}\n"

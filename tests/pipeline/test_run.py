@@ -63,6 +63,7 @@ def test_every_stage_writes_its_files_and_the_results_come_from_the_test_split(f
     labels = [int(test[i][1]) for i in range(len(test))]
     prance = json.loads((finished_run / "eval" / "prance.json").read_text())
     assert prance["split"] == "test" and [r["label"] for r in prance["images"]] == labels
+    assert [r["index"] for r in prance["images"]] == test.indices.tolist()  # each image's place in the split
     assert prance["summary"]["top1"] == pytest.approx(
         100.0 * sum(r["label"] == r["prediction"] for r in prance["images"]) / len(labels))
     for name in ("dense", "static_finetune", "selector"):
