@@ -50,6 +50,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", default=None, metavar="RUN",
                    help="copy from the run folder RUN its leading stages done there with these same settings instead "
                         "of running them again (e.g. its dense model and meta-network for another budget)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="any setting of RUN/config.yaml, dotted for a stage's (selector.encoder=cls, "
+                        "bench.batch_sizes=[1,8,64]); the value is read as YAML; repeatable, applied after --config")
     p.add_argument("--dense-epochs", type=int, default=None, help="dense training epochs")
     p.add_argument("--meta-epochs", type=int, default=None, help="meta-network training epochs")
     p.add_argument("--selector-updates", type=int, default=None, help="PPO updates of the selector")
@@ -69,7 +72,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     flags = {setting: getattr(args, dest) for dest, setting in _SETTINGS.items()}
     flags.update(data_settings(args.data, args.data_dir), init=args.init)
-    return resolve_config(args.config, flags)
+    return resolve_config(args.config, {**_set_flags(args.settings), **{k: v for k, v in flags.items()
+                                                                        if v is not None}})
+
+
+def _set_flags(given: list[str]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` flags as settings (values parsed as YAML: 3, 0.5, true, cls, [1, 64])."""
+    import yaml
+
+    from prance.errors import PranceError
+
+    out: dict[str, Any] = {}
+    for item in given:
+        name, eq, text = item.partition("=")
+        if not eq or not name.strip():
+            raise PranceError(f"--set {item}: give NAME=VALUE, e.g. --set selector.encoder=cls")
+        try:
+            out[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise PranceError(f"--set {item}: {text!r} is not a YAML value; quote or fix it") from None
+    return out
 
 
 def command(args: argparse.Namespace) -> None:

@@ -56,6 +56,17 @@ def test_flags_override_the_file_which_overrides_the_schedule(tmp_path: Path) ->
     assert _from_flags("--config", str(config), "--schedule", "full").meta.max_steps is None
 
 
+def test_set_takes_any_setting_after_the_file_and_before_the_named_flags(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"selector": {"encoder": "keys", "updates": 50}, "budget": 0.4}))
+    cfg = _from_flags("--config", str(config), "--set", "selector.encoder=cls", "--set", "bench.batch_sizes=[1, 8]",
+                      "--set", "selector.mlp_per_stage=true", "--set", "budget=0.3", "--budget", "0.35")
+    assert (cfg.selector.encoder, cfg.selector.updates, cfg.bench.batch_sizes) == ("cls", 50, [1, 8])
+    assert cfg.selector.mlp_per_stage is True and cfg.budget == 0.35  # --budget is applied last
+    assert cfg == resolve_config(config, {"selector": {"encoder": "cls", "mlp_per_stage": True},
+                                          "bench.batch_sizes": [1, 8], "budget": 0.35})
+
+
 def test_the_static_plan_fine_tune_follows_the_joint_one_unless_set(tmp_path: Path) -> None:
     cfg = _from_flags("--schedule", "demo", "--finetune-epochs", "3")
     joint, static = cfg.finetune, cfg.static_finetune
@@ -107,6 +118,10 @@ def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path
     (["--init", "/no/such/deit.pth"], ["init /no/such/deit.pth: file not found"]),
     (["--schedule", "fast"], ["argument --schedule: invalid choice: 'fast'"]),
     (["--config", "/no/such.yaml"], ["--config /no/such.yaml: file not found"]),
+    (["--set", "selector.encoder"], ["--set selector.encoder: give NAME=VALUE"]),
+    (["--set", "selector.bogus=1"], ["unknown setting selector.bogus", "selector takes updates"]),
+    (["--set", "dense.epochs=[1"], ["--set dense.epochs=[1: '[1' is not a YAML value"]),
+    (["--set", "dense.epochs=two"], ["dense.epochs must be a whole number, got 'two'"]),
 ])
 def test_bad_flags_are_one_line_errors_and_write_nothing(argv: list[str], fragments: list[str], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
