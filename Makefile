@@ -2,6 +2,7 @@
 #   make demo        set up, then the whole pipeline on Fashion-MNIST with the short schedule (prance run --schedule demo)
 #   make reproduce   set up, then the whole pipeline with the headline schedule (prance run --schedule full)
 #   make headline    after reproduce: merge at budgets 0.35 and 0.7, prune and prune_merge at 0.5, one table
+#   make levers      after reproduce: the cls state encoder, speed levers and alternating fine-tuning, one table
 #   make test        set up, then run the test suite
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -18,14 +19,19 @@ REPRODUCE_DIR ?= runs/reproduce
 HEADLINE_DIR ?= runs/headline
 # The headline operating points besides reproduce's merge at 0.5 (mode-budget); each reuses what it shares with it.
 HEADLINE_RUNS := merge-0.35 merge-0.7 prune-0.5 prune_merge-0.5
+LEVERS_DIR ?= runs/levers
+# Variants of reproduce (name:setting), each benchmarked at batch 1, 8 and 64.
+LEVERS := encoder-cls:selector.encoder=cls mlp-per-stage:selector.mlp_per_stage=true \
+	keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
 RUN_FLAGS ?=
 
-.PHONY: help setup data test demo reproduce headline
+.PHONY: help setup data test demo reproduce headline levers
 
 help:
 	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (23 min on 2 idle cores, set-up included), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
+	@echo "make levers      after reproduce: cls encoder, one MLP ratio per stage, keep grid, alternating fine-tuning"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
 	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
@@ -62,3 +68,13 @@ headline: reproduce
 			--out $(HEADLINE_DIR)/$$run $(RUN_FLAGS) || exit 1; \
 	done
 	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) --out $(HEADLINE_DIR)
+
+# Each variant changes one setting of reproduce and reuses the stages before the one it changes.
+levers: reproduce
+	@for lever in $(LEVERS); do \
+		echo "== levers: $${lever#*:} into $(LEVERS_DIR)/$${lever%%:*}"; \
+		$(PY) -m prance run --schedule full --set $${lever#*:} --set "bench.batch_sizes=[1,8,64]" \
+			--reuse $(REPRODUCE_DIR) --out $(LEVERS_DIR)/$${lever%%:*} $(RUN_FLAGS) || exit 1; \
+	done
+	$(PY) -m prance compare $(REPRODUCE_DIR) $(foreach l,$(LEVERS),$(LEVERS_DIR)/$(firstword $(subst :, ,$(l)))) \
+		--out $(LEVERS_DIR)
