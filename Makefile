@@ -72,7 +72,8 @@ headline: reproduce
 	test -f $$sel/adaptive.pt || $(PY) -m prance train-selector --meta $(REPRODUCE_DIR)/meta/best.pt \
 		--budget-range 0.3,0.8 --budget-bins 6 --updates 900 --out $$sel $$resume || exit 1; \
 	for b in 0.35 0.5 0.7; do \
-		$(PY) -m prance evaluate --checkpoint $$sel/adaptive.pt --budget $$b --out $$sel/test-$$b.json || exit 1; \
+		test -f $$sel/test-$$b.json || $(PY) -m prance evaluate --checkpoint $$sel/adaptive.pt --budget $$b \
+			--out $$sel/test-$$b.json || exit 1; \
 	done
 	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) --out $(HEADLINE_DIR)
 
@@ -80,7 +81,7 @@ headline: reproduce
 levers: reproduce
 	@for lever in $(LEVERS); do \
 		echo "== levers: $${lever#*:} into $(LEVERS_DIR)/$${lever%%:*}"; \
-		$(PY) -m prance run --schedule full --set $${lever#*:} --set "bench.batch_sizes=[1,8,64]" \
+		$(PY) -m prance run --schedule full --set "$${lever#*:}" --set "bench.batch_sizes=[1,8,64]" \
 			--reuse $(REPRODUCE_DIR) --out $(LEVERS_DIR)/$${lever%%:*} $(RUN_FLAGS) || exit 1; \
 	done
 	$(PY) -m prance compare $(REPRODUCE_DIR) $(foreach l,$(LEVERS),$(LEVERS_DIR)/$(firstword $(subst :, ,$(l)))) \

@@ -72,8 +72,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     flags = {setting: getattr(args, dest) for dest, setting in _SETTINGS.items()}
     flags.update(data_settings(args.data, args.data_dir), init=args.init)
-    return resolve_config(args.config, {**_set_flags(args.settings), **{k: v for k, v in flags.items()
-                                                                        if v is not None}})
+    return resolve_config(args.config, flags, _set_flags(args.settings))
 
 
 def _set_flags(given: list[str]) -> dict[str, Any]:

@@ -134,16 +134,16 @@ def _overlays(files: RunFiles, records: list[dict[str, Any]], names: list[str], 
         return {**entry, "status": files.not_run("finetune/adaptive.pt")}
     if count == 0:
         return {**entry, "status": "not drawn (--overlays 0)"}
+    if not records:  # the images are chosen from the evaluation's per-image decisions
+        return {**entry, "status": files.not_run("eval/prance.csv")}
     try:
         shown, mode = figs.token_overlays(adaptive, records, names, out_dir / "tokens.png", count, device)
     except PranceError as e:  # e.g. the data set is not on this machine: the rest of the report stands
         return {**entry, "status": f"could not be drawn: {e}"}
     files.sources["finetune/adaptive.pt"] = str(adaptive.resolve())
-    checked = [r for r in shown if r["eval_macs"] is not None]
-    agree = sum(r["eval_macs"] == r["macs"] for r in checked)
-    check = (f"the decisions made here match eval/prance.csv for {agree} of {len(checked)} images" if checked else
-             "eval/prance.csv does not cover the whole test split, so these are the first test images")
-    spread = "spread from the cheapest to the dearest per-image MACs of eval/prance.csv, " if checked else ""
+    agree = sum(r["eval_macs"] == r["macs"] for r in shown)
+    check = f"the decisions made here match eval/prance.csv for {agree} of {len(shown)} images"
+    spread = "spread from the cheapest to the dearest per-image MACs of eval/prance.csv, "
     effect = {"merge": "patches merged into one token share a colour tint (token mode merge: nothing is pruned)",
               "prune": "patches whose token was pruned are dimmed (token mode prune: nothing is merged)"}.get(
         mode, "patches whose token was pruned are dimmed, patches merged into one token share a colour tint")

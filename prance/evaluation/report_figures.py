@@ -104,7 +104,7 @@ def pareto(rows: Sequence[dict[str, Any]], sweep: Sequence[dict[str, Any]], best
 
 def runs_pareto(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
     """Test top-1 against MACs / dense over several runs (``prance compare``): one series per method and
-    token mode, its points joined in MACs order, PRANCE's labelled with their run's budget."""
+    token mode, its points joined in MACs order, PRANCE's labelled with their run."""
     points = [r for r in rows if r.get("top1") is not None and r.get("macs_ratio") is not None]
     if not points:
         return None
@@ -126,13 +126,13 @@ def runs_pareto(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
                     markeredgecolor="black", label=f"{series[0]['method'].split(' (')[0]} ({mode})")
             if key == "prance":
                 for r in series:
-                    ax.annotate(f"{r['budget']:g}", (r["macs_ratio"], r["top1"]), xytext=(4, -10),
+                    ax.annotate(str(r.get("label") or r["budget"]), (r["macs_ratio"], r["top1"]), xytext=(4, -10),
                                 textcoords="offset points", fontsize=7)
     ax.set_xlabel("mean MACs / dense (selector included)")
     ax.set_ylabel("top-1 on the test split (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("runs compared: accuracy against compute (PRANCE labelled with its budget)", fontsize=9)
+    ax.set_title("runs compared: accuracy against compute (PRANCE labelled with its run)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 

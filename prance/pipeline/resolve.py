@@ -25,8 +25,9 @@ from prance.pipeline.config import DATASETS, RUN_FIELDS, STAGES, RunConfig
 FOLDER_MAX_SIZE = 32
 
 def resolve_config(config_file: str | os.PathLike[str] | None = None, flags: Mapping[str, Any] | None = None,
-                   ) -> RunConfig:
-    """Defaults ← schedule ← YAML ``config_file`` ← ``flags`` (``budget``, ``dense.epochs`` or ``dense: {...}``).
+                   settings: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults ← schedule ← YAML ``config_file`` ← ``settings`` (``--set``: dotted names, None unsets) ←
+    ``flags`` (``budget``, ``dense.epochs`` or ``dense: {...}``; None: not given).
 
     The schedule is ``flags["schedule"]``, else the file's, else "full".
     """
@@ -40,6 +41,7 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None, flags: Map
         raise PranceError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     cfg = merge(RunConfig(schedule=schedule), SCHEDULES[schedule], "schedule " + schedule)
     cfg = merge(cfg, values, source)
+    cfg = merge(cfg, _nested(settings or {}, keep_none=True), "--set")
     cfg = merge(cfg, _nested(flags), "flags")
     return check(_filled(cfg))
 
@@ -82,12 +84,12 @@ def _merge_stage(stage: Any, name: str, values: Mapping[str, Any], source: str) 
     return replace(stage, **{k: _typed(v, hints[k], f"{name}.{k}", source) for k, v in values.items()})
 
 
-def _nested(given: Mapping[str, Any]) -> dict[str, Any]:
+def _nested(given: Mapping[str, Any], keep_none: bool = False) -> dict[str, Any]:
     """Settings given as ``{"dense.epochs": 3, "meta": {"max_steps": 10}, "budget": 0.4}`` nested like config.yaml
-    (None values dropped: not given)."""
+    (None values dropped, as not given, unless ``keep_none``)."""
     out: dict[str, Any] = {}
     for key, value in given.items():
-        if value is None:
+        if value is None and not keep_none:
             continue
         stage, dot, name = key.partition(".")
         if dot:
@@ -133,6 +135,11 @@ def _typed(value: Any, hint: Any, name: str, source: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     kind = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}.get(

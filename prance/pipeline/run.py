@@ -91,12 +91,13 @@ def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str]
         text = to_yaml(cfg)
         atomic_write(run / CONFIG, lambda f: f.write(text.encode()))
         if source is not None:
-            taken = _reuse(Context(cfg, run), source, ledger, settings, fresh)
-            say(f"== reusing {', '.join(taken)} of {source} (done there with these settings)" if taken else
-                f"== nothing to reuse from {source}: no stage done there with these settings that this run lacks")
+            taken, why = _reuse(Context(cfg, run), source, ledger, settings, fresh)
+            say(f"== reusing {', '.join(taken)} of {source} (done there with these settings)" + (
+                f"; not the rest: {why}" if why else "") if taken else f"== nothing to reuse from {source}: {why}")
     group.barrier()  # every process reads the record rank 0 prepared
     if not writer:
         ledger = Ledger.read(run, writer=False)
+        fresh.difference_update([s for s in fresh if ledger.done(s)])  # restarted stages done now were reused
 
     last_training = max(i for i, stage in enumerate(STAGE_LIST) if stage.training)
     for index, stage in enumerate(STAGE_LIST):
@@ -152,24 +153,64 @@ def _reuse_source(source: Path, run: Path) -> Path:
 
 
 def _reuse(ctx: Context, source: Path, ledger: Ledger, settings: dict[str, dict[str, Any]],
-           fresh: set[str]) -> list[str]:
-    """Copy from ``source`` its leading stages done there with ``settings`` (folder and record) into this run,
-    except those done here already and not to be redone; returns the stages copied. Stops at the first stage
-    that differs, is not done there, or has no folder of its own (the report, cheap to redo)."""
-    theirs = Ledger.read(source, writer=False)
-    taken = []
+           fresh: set[str]) -> tuple[list[str], str]:
+    """Copy from ``source`` its leading stages done there with ``settings`` (folder and record) into this run;
+    returns the stages copied and why it stopped. Stops at the first stage that differs, is not done there, or
+    has no folder of its own (the report, cheap to redo), and at a stage this run did itself: what follows it
+    in ``source`` did not start from it. Each folder is copied beside its place and then moved in, so an
+    interruption leaves the run as it was."""
+    try:
+        theirs = Ledger.read(source, writer=False)
+    except PranceError as e:
+        raise PranceError(f"--reuse {source}: {e}".split("; delete")[0] + "; give another run to --reuse or drop "
+                          "it") from None
+    other = _other_images(ctx.cfg, source)
+    if other:
+        return [], other
+    taken: list[str] = []
     for stage in STAGE_LIST:
         name = stage.name
-        if stage.folder is None or not theirs.done(name) or theirs.changed(name, settings[name]) is not None:
-            break
-        if ledger.done(name) and name not in fresh:
-            continue
+        missing = [o for o in stage.outputs if not (source / o).exists()]
+        changed = theirs.changed(name, settings[name]) if theirs.done(name) else None
+        why = ("the report is always written anew" if stage.folder is None else
+               f"stage {name} is not done there" if not theirs.done(name) else
+               f"stage {name} ran there with another {changed}" if changed else
+               f"stage {name} lacks {missing[0]} there" if missing else None)
+        if why is None and ledger.done(name) and name not in fresh:
+            if ledger.stages[name].get("reused_from") == str(source):
+                continue
+            why = f"this run did stage {name} itself, and the later stages there did not start from it"
+        if why is not None:
+            return taken, why
+        assert stage.folder is not None
+        staging = ctx.path(f".{stage.folder}.reuse")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            shutil.copytree(source / stage.folder, staging)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PranceError(f"--reuse: cannot copy {source / stage.folder} ({e.strerror or e}); free disk space "
+                              "or drop --reuse") from None
         remove_outputs(ctx, stage)
-        shutil.copytree(source / stage.folder, ctx.path(stage.folder))
+        os.replace(staging, ctx.path(stage.folder))
         ledger.adopt(name, theirs.stages[name], source)
         fresh.discard(name)
         taken.append(name)
-    return taken
+    return taken, ""
+
+
+def _other_images(cfg: RunConfig, source: Path) -> str:
+    """Why ``source`` trained on other images than this run, if a folder of images is the data ('' if not)."""
+    if cfg.data != "folder":
+        return ""
+    from prance.files import load_yaml
+
+    path = source / CONFIG
+    theirs = load_yaml(path, "run config") if path.is_file() else None
+    their_dir = theirs.get("data_dir") if isinstance(theirs, dict) else None
+    if their_dir is None or Path(their_dir).resolve() != Path(str(cfg.data_dir)).resolve():
+        return f"it trained on the images of {their_dir or 'an unrecorded folder'}, this run on {cfg.data_dir}"
+    return ""
 
 
 def _duration(seconds: float) -> str:

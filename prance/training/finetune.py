@@ -306,19 +306,21 @@ def pipeline_of(ckpt: Mapping[str, Any], path: Path) -> Pipeline:
 
     A fine-tuned model records them itself; a selector run's checkpoint records its
     meta-network (whose run records its dense teacher or start); the ``adaptive.pt`` of
-    ``train-selector`` records nothing, but its run's ``last.pt`` lies next to it: it is used
-    when its selector weights are the file's.
+    ``train-selector`` records its run's settings but not the training state (λ): its run's
+    ``last.pt`` lies next to it and is used when its selector weights are the file's.
     """
     args = dict(ckpt.get("args") or {})
     if "teacher" in args:  # written by prance finetune
         training = ckpt.get("selector_training") or {}
         return Pipeline(args["teacher"], training.get("settings"), training.get("dual"))
     run = ckpt
-    if "meta" not in args:
+    if not ckpt.get("train_state"):
         sibling = path.parent / LAST
-        run = _checkpoint_or_none(sibling) if sibling != path else None
-        if run is None or run.get("kind") != "selector" or not _same_selector(run, ckpt):
-            return Pipeline(None, None, None)
+        found = _checkpoint_or_none(sibling) if sibling != path else None
+        if found is not None and found.get("kind") == "selector" and _same_selector(found, ckpt):
+            run = found
+    if "meta" not in (run.get("args") or {}):
+        return Pipeline(None, None, None)
     meta = _checkpoint_or_none(Path(run["args"]["meta"]))
     return Pipeline(None if meta is None else _dense_of(meta), dict(run["args"].get("train") or {}),
                     (run.get("train_state") or {}).get("dual"))

@@ -65,6 +65,10 @@ def test_set_takes_any_setting_after_the_file_and_before_the_named_flags(tmp_pat
     assert cfg.selector.mlp_per_stage is True and cfg.budget == 0.35  # --budget is applied last
     assert cfg == resolve_config(config, {"selector": {"encoder": "cls", "mlp_per_stage": True},
                                           "bench.batch_sizes": [1, 8], "budget": 0.35})
+    # --set can unset what the file set, and takes numbers as YAML 1.1 writes them.
+    config.write_text(yaml.safe_dump({"meta": {"max_steps": 10}}))
+    cfg = _from_flags("--config", str(config), "--set", "meta.max_steps=null", "--set", "dense.lr=1e-3")
+    assert cfg.meta.max_steps is None and cfg.dense.lr == 0.001
 
 
 def test_the_static_plan_fine_tune_follows_the_joint_one_unless_set(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_th
     config = tiny_config(tmp_path)
     run, out = copy_run(budget_run[0], tmp_path / "budget-0.6"), budget_run[1]
     # The budget changes the sweep's choice and everything after it: dense and meta are taken, the rest runs.
-    assert f"== reusing dense, meta of {finished_run}" in out and out.count("done already") == 2
+    assert f"== reusing dense, meta of {finished_run} (done there with these settings); not the rest: stage sweep " \
+           "ran there with another budget" in out and out.count("done already") == 2
     for name in ("dense/best.pt", "meta/best.pt", "meta/log.jsonl"):
         assert (run / name).read_bytes() == (finished_run / name).read_bytes(), name
     record = json.loads((run / "stages.json").read_text())
@@ -243,3 +244,23 @@ def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_th
               "--reuse", "not a prance run folder", "stages.json")
     cli_error(capsys, run_argv(config, run, "--budget", "0.6", "--reuse", str(run)), "this run's own folder")
     assert not (tmp_path / "new").exists()
+
+
+def test_reuse_takes_nothing_after_a_stage_this_run_did_itself(
+        finished_run: Path, budget_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The budget run's meta-network learned from finished_run's dense model: a run that trained its own dense
+    model (same settings, other weights could follow on another machine) must not take that meta-network."""
+    config = tiny_config(tmp_path)
+    run = copy_run(finished_run, tmp_path / "own", stages=("dense",))
+    record = json.loads((run / "stages.json").read_text())
+    assert "reused_from" not in record["dense"]
+    # The reuse decision alone (a whole run would go on to train its own meta-network).
+    from prance.pipeline.ledger import Ledger
+    from prance.pipeline.run import _reuse
+    from prance.pipeline.stages import Context
+
+    cfg = resolve_config(config, {"schedule": "demo", "limit": LIMIT, "budget": 0.6})
+    settings = {s: stage_settings(cfg, s) for s in STAGES}
+    taken, why = _reuse(Context(cfg, run), budget_run[0], Ledger.read(run), settings, set())
+    assert taken == [] and why == "this run did stage dense itself, and the later stages there did not start from it"
+    assert not (run / "meta").exists() and json.loads((run / "stages.json").read_text()) == record

@@ -22,7 +22,7 @@ from prance.plan import Plan
 from prance.selector.budget import DualAscent
 from prance.selector.selector import Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, save_checkpoint
-from prance.training.finetune import FinetuneConfig, JointTask, StaticTask, Student, run_finetune
+from prance.training.finetune import FinetuneConfig, JointTask, StaticTask, Student, pipeline_of, run_finetune
 from prance.training.run import DistContext
 from tests.conftest import cli_error
 
@@ -296,6 +296,33 @@ def test_the_teacher_defaults_to_the_dense_model_its_pipeline_records(pipeline: 
     with pytest.raises(PranceError, match="records no dense teacher; give one with --teacher"):
         run_finetune(run / "adaptive.pt", _cfg(), tmp_path / "out2", verbose=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_the_selector_runs_lambda_comes_from_its_last_pt_when_adaptive_pt_records_only_its_args(
+        pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """train-selector's adaptive.pt names its meta-network (args) but holds no training state: λ for alternating
+    fine-tuning is the run's last.pt's, and only when that file holds the same selector."""
+    run = tmp_path / "selector-run"
+    run.mkdir()
+    meta = tmp_path / "meta.pt"
+    save_checkpoint(meta, _meta(), "meta", args={"run": {"init": str(pipeline["dense"]), "teacher": "init"}},
+                    split=SPLIT)
+    ckpt = load_checkpoint(pipeline["adaptive"])
+    ckpt["args"] = {"meta": str(meta), "train": {"budget": BUDGET}}
+    atomic_save(ckpt, run / "adaptive.pt")
+    dual = DualAscent([BUDGET], init=1.5).state_dict()
+    last = make_checkpoint(_meta(), "selector", args=ckpt["args"], train_state={"dual": dual}, split=SPLIT)
+    last.update(selector=ckpt["selector"], budget=BUDGET)
+    atomic_save(last, run / "last.pt")
+    found = pipeline_of(load_checkpoint(run / "adaptive.pt"), run / "adaptive.pt")
+    assert found.teacher == str(pipeline["dense"]) and found.selector_settings == {"budget": BUDGET}
+    assert found.dual is not None and float(found.dual["lam"][0]) == 1.5
+    # A last.pt of other selector weights: the settings still come from adaptive.pt, λ starts afresh.
+    last["selector"] = {**ckpt["selector"], "state": {k: v + 1 if v.is_floating_point() else v
+                                                  for k, v in ckpt["selector"]["state"].items()}}
+    atomic_save(last, run / "last.pt")
+    found = pipeline_of(load_checkpoint(run / "adaptive.pt"), run / "adaptive.pt")
+    assert found.teacher == str(pipeline["dense"]) and found.dual is None
 
 
 # ----------------------------------------------------------------------------- bad input
