@@ -273,21 +273,32 @@ def test_auto_picks_the_best_holdout_subnet_within_the_adaptive_models_macs(pipe
     assert written["name"] == choice["chosen"]
 
 
-def test_the_teacher_defaults_to_the_dense_model_its_pipeline_records(pipeline: dict[str, Path], tmp_path: Path,
-                                                                      fmnist_dir: str) -> None:
-    """train-selector's adaptive.pt records no teacher; its run's last.pt names the meta-network, whose run
-    names the dense model it learned from."""
+def _selector_run(pipeline: dict[str, Path], tmp_path: Path, adaptive_records_args: bool
+                  ) -> tuple[Path, dict, dict]:
+    """A train-selector run folder: adaptive.pt (naming its meta-network or not) and last.pt with λ = 1.5, the
+    meta-network's run naming the pipeline's dense model."""
     run = tmp_path / "selector-run"
     run.mkdir()
     meta = tmp_path / "meta.pt"
     save_checkpoint(meta, _meta(), "meta", args={"run": {"init": str(pipeline["dense"]), "teacher": "init"}},
                     split=SPLIT)
+    args = {"meta": str(meta), "train": {"budget": BUDGET}}
     ckpt = load_checkpoint(pipeline["adaptive"])
+    if adaptive_records_args:
+        ckpt["args"] = args
     atomic_save(ckpt, run / "adaptive.pt")
-    last = make_checkpoint(_meta(), "selector", args={"meta": str(meta), "train": {"budget": BUDGET}},
+    last = make_checkpoint(_meta(), "selector", args=args,
                            train_state={"dual": DualAscent([BUDGET], init=1.5).state_dict()}, split=SPLIT)
     last.update(selector=ckpt["selector"], budget=BUDGET)
     atomic_save(last, run / "last.pt")
+    return run, ckpt, last
+
+
+def test_the_teacher_defaults_to_the_dense_model_its_pipeline_records(pipeline: dict[str, Path], tmp_path: Path,
+                                                                      fmnist_dir: str) -> None:
+    """train-selector's adaptive.pt records no teacher; its run's last.pt names the meta-network, whose run
+    names the dense model it learned from."""
+    run, _, _ = _selector_run(pipeline, tmp_path, adaptive_records_args=False)
     run_finetune(run / "adaptive.pt", _cfg(max_steps=1, epochs=1), tmp_path / "out", verbose=False)
     start = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
     assert start["teacher"] == str(pipeline["dense"])
@@ -302,18 +313,7 @@ def test_the_selector_runs_lambda_comes_from_its_last_pt_when_adaptive_pt_record
         pipeline: dict[str, Path], tmp_path: Path) -> None:
     """train-selector's adaptive.pt names its meta-network (args) but holds no training state: λ for alternating
     fine-tuning is the run's last.pt's, and only when that file holds the same selector."""
-    run = tmp_path / "selector-run"
-    run.mkdir()
-    meta = tmp_path / "meta.pt"
-    save_checkpoint(meta, _meta(), "meta", args={"run": {"init": str(pipeline["dense"]), "teacher": "init"}},
-                    split=SPLIT)
-    ckpt = load_checkpoint(pipeline["adaptive"])
-    ckpt["args"] = {"meta": str(meta), "train": {"budget": BUDGET}}
-    atomic_save(ckpt, run / "adaptive.pt")
-    dual = DualAscent([BUDGET], init=1.5).state_dict()
-    last = make_checkpoint(_meta(), "selector", args=ckpt["args"], train_state={"dual": dual}, split=SPLIT)
-    last.update(selector=ckpt["selector"], budget=BUDGET)
-    atomic_save(last, run / "last.pt")
+    run, ckpt, last = _selector_run(pipeline, tmp_path, adaptive_records_args=True)
     found = pipeline_of(load_checkpoint(run / "adaptive.pt"), run / "adaptive.pt")
     assert found.teacher == str(pipeline["dense"]) and found.selector_settings == {"budget": BUDGET}
     assert found.dual is not None and float(found.dual["lam"][0]) == 1.5
