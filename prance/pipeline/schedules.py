@@ -6,7 +6,8 @@ epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to
 bench at batch 1 and 64). ``demo`` shows the whole method on Fashion-MNIST in at most about
 half an hour on two idle CPU cores: every stage runs on the full data sets, only shorter.
 
-Timed at commit 8fbe77f on two idle cores (`make demo` from a clean clone): 23 min 11 s in all,
+Timed at commit 8fbe77f (dense batch 128, a sweep of 6 subnets; now 64 and 12, not re-timed: the sweep
+takes ~2.5 min more) on two idle cores (`make demo` from a clean clone): 23 min 11 s in all,
 set-up included — dense 8.8 min, meta 2.8, sweep 2.6, selector 1.9, fine-tune 1.8, static-plan
 fine-tune 0.8, evaluation 1.4, bench 0.6, report 0.1. Planned beforehand from the headline runs
 (fmnist-tiny on the 2-core development machine: dense training ~200 img/s, the meta-network's
@@ -15,7 +16,7 @@ inference) and from a demo run on a
 slice of the data on the same machine under a load about 7 times slower, stage by stage:
 
     dense 2 epochs (108k images + validation, ~9.5 min) · meta-network 120 steps of 64 (~4 min) ·
-    sweep of 6 subnets on 1000 held-out and twice 10k test images (~2.5 min) · selector 80 updates
+    sweep of 6 (now 12) subnets on 1000 held-out and twice 10k test images (~2.5 min) · selector 80 updates
     + calibration (~3.5 min; calibrating takes up to 30 passes over the 1000 held-out images) ·
     joint fine-tuning 100 steps of 64 + calibration (~3 min) · static-plan fine-tuning (~1.5 min) ·
     evaluation on the 10k test images (~1.5 min) · bench (~0.5 min) · report: ~26 min.
