@@ -2,7 +2,8 @@
 #   make demo        set up, then the whole pipeline on Fashion-MNIST with the short schedule (prance run --schedule demo)
 #   make reproduce   set up, then the whole pipeline with the headline schedule (prance run --schedule full)
 #   make headline    after reproduce: merge at budgets 0.35 and 0.7, prune and prune_merge at 0.5, one table
-#   make levers      after reproduce: the cls state encoder, speed levers and alternating fine-tuning, one table
+#   make levers      after reproduce: speed levers (round-up, MLP per stage, keep grid), the cls state encoder and
+#                    alternating fine-tuning, one table
 #   make test        set up, then run the test suite
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -21,8 +22,9 @@ HEADLINE_DIR ?= runs/headline
 HEADLINE_RUNS := merge-0.35 merge-0.7 prune-0.5 prune_merge-0.5
 LEVERS_DIR ?= runs/levers
 # Variants of reproduce (name:setting), each benchmarked at batch 1, 8 and 64.
-LEVERS := encoder-cls:selector.encoder=cls mlp-per-stage:selector.mlp_per_stage=true \
-	keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
+# round-up-K reuse every training stage: only rounding, evaluation and bench run.
+LEVERS := round-up-4:round_up.k=4 round-up-8:round_up.k=8 encoder-cls:selector.encoder=cls \
+	mlp-per-stage:selector.mlp_per_stage=true keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
 RUN_FLAGS ?=
 
 .PHONY: help setup data test demo reproduce headline levers
@@ -31,7 +33,7 @@ help:
 	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (23 min on 2 idle cores, set-up included), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
-	@echo "make levers      after reproduce: cls encoder, one MLP ratio per stage, keep grid, alternating fine-tuning"
+	@echo "make levers      after reproduce: round-up K=4/8, cls encoder, MLP per stage, keep grid, alternate"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
 	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"

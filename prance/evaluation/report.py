@@ -26,7 +26,7 @@ from prance.files import load_yaml
 NOT_RUN = "not run yet"
 #: What a run folder holds (README: the run folder); a folder with none of them is not a run.
 RUN_ENTRIES = ("config.yaml", "stages.json", "dense", "meta", "sweep", "selector", "finetune", "static_finetune",
-               "eval", "bench")
+               "round_up", "eval", "bench")
 #: Which stage writes each file the report reads (to say which stage has not run).
 STAGE_OF = {"eval": "evaluate", "sweep": "sweep", "bench": "bench"}
 PLAN_KEYS = ("widths", "mlp_ratios", "heads", "keep", "merge_keep")
@@ -73,6 +73,15 @@ class RunFiles:
         data = load_yaml(path, "run file")
         self.sources[rel] = str(path.resolve())
         return data
+
+    def prance_model(self) -> str:
+        """The run file that is PRANCE: round_up/adaptive.pt when the run's config turns the round-up lever on."""
+        from prance.pipeline.config import prance_model
+
+        config = self.yaml("config.yaml")
+        round_up = config.get("round_up") if isinstance(config, dict) else None
+        k = round_up.get("k") if isinstance(round_up, dict) else None
+        return prance_model(k if isinstance(k, int) else 0)
 
     def not_run(self, rel: str) -> str:
         """``not run yet`` for a missing file, saying so when stages.json shows its stage running."""
@@ -204,9 +213,10 @@ def _dense_rows(files: RunFiles, bench: dict[str, Any] | None
 
 
 def _prance_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: float | None) -> list[dict[str, Any]]:
-    """PRANCE (finetune/adaptive.pt) and PRANCE before fine-tuning (selector/adaptive.pt) on the test split."""
+    """PRANCE (finetune/adaptive.pt, or round_up/adaptive.pt) and PRANCE before fine-tuning (selector/adaptive.pt)
+    on the test split."""
     rows = []
-    for key, method, rel, model in (("prance", "PRANCE", "eval/prance.json", "finetune/adaptive.pt"),
+    for key, method, rel, model in (("prance", "PRANCE", "eval/prance.json", files.prance_model()),
                                     ("selector", "PRANCE before fine-tuning", "eval/selector.json",
                                      "selector/adaptive.pt")):
         rows.append(_row(key, method, f"{rel} ({model})", _summary(files, rel), dense_macs, files.not_run(rel),
@@ -366,7 +376,7 @@ def collect(files: RunFiles) -> dict[str, Any]:
 def write_report(run_dir: str | Path, device: str = "cpu", overlays: int = 6) -> Path:
     """Write RUN/report.md, RUN/results.json and RUN/figures/*.png from the run's files; returns report.md.
 
-    ``overlays`` test images are run through finetune/adaptive.pt for the token-overlay figure (0: none)."""
+    ``overlays`` test images are run through PRANCE's model for the token-overlay figure (0: none)."""
     from prance.evaluation.evaluate import write_json
     from prance.evaluation.report_document import draw_figures, markdown
     from prance.files import atomic_write, check_writable_dir

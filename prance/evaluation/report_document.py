@@ -96,7 +96,7 @@ def draw_figures(files: RunFiles, results: dict[str, Any], device: str = "cpu", 
     records = read_decisions(files)
     prance_eval = files.json("eval/prance.json") or {}
     budget = prance_eval.get("budget")
-    what = f"{len(records)} test images of eval/prance.csv (finetune/adaptive.pt)" if records else ""
+    what = f"{len(records)} test images of eval/prance.csv ({files.prance_model()})" if records else ""
     done = records is not None and figs.decision_histograms(records, budget, out_dir / "decisions.png") is not None
     add("decisions", "Per-image compute and decisions",
         f"Left: each test image's MACs / dense (selector included), its mean and the budget; middle: the keep "
@@ -126,12 +126,13 @@ def draw_figures(files: RunFiles, results: dict[str, Any], device: str = "cpu", 
 
 def _overlays(files: RunFiles, records: list[dict[str, Any]], names: list[str], out_dir: Path,
               device: str, count: int) -> dict[str, Any]:
-    """The token-overlay figure: finetune/adaptive.pt run on a few test images (the only model run of the report)."""
+    """The token-overlay figure: PRANCE's model run on a few test images (the only model run of the report)."""
     entry: dict[str, Any] = {"name": "tokens", "title": "The selector's decisions on test images", "path": None,
                              "caption": None}
-    adaptive = files.path("finetune/adaptive.pt")
+    model = files.prance_model()
+    adaptive = files.path(model)
     if not adaptive.is_file():
-        return {**entry, "status": files.not_run("finetune/adaptive.pt")}
+        return {**entry, "status": files.not_run(model)}
     if count == 0:
         return {**entry, "status": "not drawn (--overlays 0)"}
     if not records:  # the images are chosen from the evaluation's per-image decisions
@@ -140,7 +141,7 @@ def _overlays(files: RunFiles, records: list[dict[str, Any]], names: list[str], 
         shown, mode = figs.token_overlays(adaptive, records, names, out_dir / "tokens.png", count, device)
     except PranceError as e:  # e.g. the data set is not on this machine: the rest of the report stands
         return {**entry, "status": f"could not be drawn: {e}"}
-    files.sources["finetune/adaptive.pt"] = str(adaptive.resolve())
+    files.sources[model] = str(adaptive.resolve())
     agree = sum(r["eval_macs"] == r["macs"] for r in shown)
     check = f"the decisions made here match eval/prance.csv for {agree} of {len(shown)} images"
     spread = "spread from the cheapest to the dearest per-image MACs of eval/prance.csv, "
@@ -148,7 +149,7 @@ def _overlays(files: RunFiles, records: list[dict[str, Any]], names: list[str], 
               "prune": "patches whose token was pruned are dimmed (token mode prune: nothing is merged)"}.get(
         mode, "patches whose token was pruned are dimmed, patches merged into one token share a colour tint")
     return {**entry, "path": "figures/tokens.png", "status": "done", "images": shown, "caption": (
-        f"{len(shown)} test images ({spread}test index #), run through finetune/adaptive.pt. Left: the image, its "
+        f"{len(shown)} test images ({spread}test index #), run through {model}. Left: the image, its "
         "true → predicted class, its MACs / dense, the residual widths and the keep ratios the selector chose for "
         f"the stages after the first; then one panel per stage: {effect}; the panel title counts the tokens left. "
         f"Check: {check}.")}

@@ -39,17 +39,19 @@ def adapt(
     config file's values.
 
     Every stage runs in ``out`` (report included; see ``prance run``); the model returned is
-    ``out/finetune/adaptive.pt``, on ``device``.
+    ``out/finetune/adaptive.pt`` (``out/round_up/adaptive.pt`` with ``round_up={"k": K}``), on ``device``.
     """
     from prance.adaptive import AdaptiveViT
+    from prance.pipeline.config import prance_model
     from prance.pipeline.resolve import data_settings, resolve_config
     from prance.pipeline.run import run_pipeline
 
     given = {**overrides, "budget": budget, "mode": mode, "schedule": schedule, "device": device,
              **data_settings(str(data), overrides.get("data_dir")),
              "init": None if model is None else os.fspath(model)}
-    run = run_pipeline(resolve_config(config, given), out, restart_from=restart_from)
-    return AdaptiveViT.load(run / "finetune" / "adaptive.pt", device=device)
+    cfg = resolve_config(config, given)
+    run = run_pipeline(cfg, out, restart_from=restart_from)
+    return AdaptiveViT.load(run / prance_model(cfg.round_up.k), device=device)
 
 
 __all__ = ["adapt"]

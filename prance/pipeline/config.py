@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DATASETS = ("fashion-mnist", "folder")
-STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "evaluate", "bench", "report")
+STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "round_up", "evaluate", "bench",
+          "report")
 
 #: Settings that cannot change results: they may differ when a run is continued.
 UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
@@ -121,6 +122,17 @@ class StaticFinetuneStage:
 
 
 @dataclass
+class RoundUpStage:
+    """``prance round-up --checkpoint finetune/adaptive.pt --k K``: the speed lever that rounds every image's stage
+    decisions up to one of K representatives (learned on the holdout, the budget calibrated again), so a batch
+    holds at most K distinct decisions per stage. 0: off, PRANCE is finetune/adaptive.pt itself."""
+
+    k: int = 0
+    holdout_limit: int | None = None  # learn and calibrate on at most this many held-out images
+    batch_size: int = 256
+
+
+@dataclass
 class EvaluateStage:
     """``prance evaluate`` of PRANCE, the selector before fine-tuning, dense with EViT/ToMe at PRANCE's MACs and
     the static-plan fine-tune, on the test split."""
@@ -169,6 +181,7 @@ class RunConfig:
     selector: SelectorStage = field(default_factory=SelectorStage)
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
     static_finetune: StaticFinetuneStage = field(default_factory=StaticFinetuneStage)
+    round_up: RoundUpStage = field(default_factory=RoundUpStage)
     evaluate: EvaluateStage = field(default_factory=EvaluateStage)
     bench: BenchStage = field(default_factory=BenchStage)
     report: ReportStage = field(default_factory=ReportStage)
@@ -182,8 +195,13 @@ RUN_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name not in STAGES)
 
 #: The run's fields each stage's results depend on (besides its own).
 _READS = {"dense": ("data", "init", "seed"), "meta": ("mode", "seed"), "sweep": ("budget",),
-          "selector": ("budget", "seed"), "finetune": ("seed",), "static_finetune": ("seed",), "evaluate": ("seed",),
-          "bench": ("seed",), "report": ()}
+          "selector": ("budget", "seed"), "finetune": ("seed",), "static_finetune": ("seed",), "round_up": ("seed",),
+          "evaluate": ("seed",), "bench": ("seed",), "report": ()}
+
+
+def prance_model(round_up_k: int) -> str:
+    """The run file that is PRANCE (evaluated, timed, drawn): the round-up stage's model when it is on."""
+    return "round_up/adaptive.pt" if round_up_k else "finetune/adaptive.pt"
 
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -204,4 +222,5 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["DATASETS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "stage_settings", "to_yaml"]
+__all__ = ["DATASETS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "prance_model", "stage_settings",
+           "to_yaml"]

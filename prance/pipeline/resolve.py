@@ -205,6 +205,8 @@ def check(cfg: RunConfig) -> RunConfig:
     for name, value in (("threads", cfg.threads), ("bench.threads", cfg.bench.threads)):
         if value is not None and value < 1:
             raise PranceError(f"{name} must be at least 1, got {value}")
+    if cfg.round_up.k < 0:
+        raise PranceError(f"round_up.k must be 0 (off) or a number of representatives per stage, got {cfg.round_up.k}")
     if not cfg.bench.batch_sizes:
         raise PranceError("bench.batch_sizes must name at least one batch size, e.g. [1, 64]")
     if not 0 < cfg.meta.min_keep <= 1 or not 0 <= cfg.meta.keep_grid <= 1:

@@ -1,6 +1,7 @@
 """The stages of ``prance run``, in order, each one call of the command that does the work.
 
-    dense → meta → sweep → selector → finetune → static_finetune → evaluate → bench → report
+    dense → meta → sweep → selector → finetune → static_finetune → round_up → evaluate → bench
+    → report
 
 Each stage reads the files of earlier stages and writes its own folder of the run (the
 layout of the run folder is the contract with ``prance report``): the training stages are
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prance.errors import PranceError
-from prance.pipeline.config import RunConfig
+from prance.pipeline.config import RunConfig, prance_model
 
 
 @dataclass
@@ -212,6 +213,26 @@ def static_finetune(ctx: Context) -> None:
     _finetune(ctx, "static_finetune")
 
 
+def round_up(ctx: Context) -> None:
+    """With ``round_up.k`` > 0, finetune/adaptive.pt rounded up to K representative decisions per stage and
+    calibrated again (round_up/adaptive.pt, then PRANCE); round_up/round_up.json records what was done."""
+    from prance.evaluation.evaluate import write_json
+
+    cfg, r = ctx.cfg, ctx.cfg.round_up
+    ctx.path("round_up").mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"k": r.k, "model": prance_model(r.k)}
+    if r.k:
+        from prance.training.round_up import round_up_file
+
+        record["calibration"] = round_up_file(ctx.path("finetune", "adaptive.pt"), r.k,
+                                              ctx.path(prance_model(r.k)), holdout_limit=r.holdout_limit,
+                                              data_dir=cfg.data_dir, seed=cfg.seed, batch_size=r.batch_size,
+                                              device=cfg.device)
+        ctx.say(f"round-up K={r.k}: holdout MACs {record['calibration']['holdout_macs_ratio']:.4f} of dense, "
+                f"top-1 {record['calibration']['holdout_top1']:.2f}%")
+    write_json(record, ctx.path("round_up", "round_up.json"))
+
+
 # ----------------------------------------------------------------------------- measuring stages
 def sweep(ctx: Context) -> None:
     """Static subnets of meta/best.pt (and the dense weights) on the holdout and the test split."""
@@ -230,8 +251,8 @@ def sweep(ctx: Context) -> None:
 
 
 def evaluate(ctx: Context) -> None:
-    """PRANCE, the selector before fine-tuning, dense with EViT / ToMe at PRANCE's MACs, and the static-plan
-    fine-tune, on the test split (eval/*.json)."""
+    """PRANCE (rounded up when round_up.k > 0), the selector before fine-tuning, dense with EViT / ToMe at PRANCE's
+    MACs, and the static-plan fine-tune, on the test split (eval/*.json)."""
     from prance.bench.methods import match_evit_keep, match_tome_r
     from prance.evaluation.checkpoint import describe, evaluate_checkpoint, write_evaluation
     from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -248,7 +269,7 @@ def evaluate(ctx: Context) -> None:
         write_evaluation(result, ctx.path("eval", f"{name}.json"))
         return result
 
-    prance = run("prance", ctx.path("finetune", "adaptive.pt"))
+    prance = run("prance", ctx.path(prance_model(cfg.round_up.k)))
     run("selector", ctx.path("selector", "adaptive.pt"))
     target = prance["summary"]["macs_ratio"]  # EViT and ToMe at PRANCE's test mean MACs, selector included
     dense_best = ctx.path("dense", "best.pt")
@@ -260,7 +281,7 @@ def evaluate(ctx: Context) -> None:
 
 
 def bench(ctx: Context) -> None:
-    """Wall-clock speed of PRANCE (finetune/adaptive.pt deciding for itself) and the baselines at its MACs."""
+    """Wall-clock speed of PRANCE (deciding for itself) and the baselines at its MACs."""
     import shlex
     import sys
 
@@ -270,7 +291,7 @@ def bench(ctx: Context) -> None:
                               load_static_plan, write_outputs)
 
     cfg, b = ctx.cfg, ctx.cfg.bench
-    checkpoint, out = ctx.path("finetune", "adaptive.pt"), ctx.path("bench")
+    checkpoint, out = ctx.path(prance_model(cfg.round_up.k)), ctx.path("bench")
     static_plan = ctx.path("static_finetune", "plan.yaml")  # the static subnet is the static-plan fine-tune's plan
     pool = b.pool or max(64, *b.batch_sizes)
     command = shlex.join(["prance", "bench", "--checkpoint", str(checkpoint), "--batch-sizes",
@@ -318,6 +339,8 @@ STAGE_LIST: tuple[Stage, ...] = (
     Stage("finetune", finetune, ("finetune/adaptive.pt",), "finetune", True, "joint fine-tuning"),
     Stage("static_finetune", static_finetune, ("static_finetune/best.pt", "static_finetune/plan.yaml"),
           "static_finetune", True, "static-plan fine-tuning (the fair baseline)"),
+    Stage("round_up", round_up, ("round_up/round_up.json",), "round_up", False,
+          "the round-up speed lever (K representative decisions per stage; 0: off)"),
     Stage("evaluate", evaluate, tuple(f"eval/{n}.json" for n in ("prance", "selector", "dense", "static_finetune")),
           "eval", False, "the test split"),
     Stage("bench", bench, ("bench/bench.json",), "bench", False, "wall-clock speed at matched MACs"),

@@ -28,6 +28,7 @@ FILES = {
     "selector": ["selector/adaptive.pt", "selector/last.pt", "selector/log.jsonl", "selector/curves.png"],
     "finetune": ["finetune/adaptive.pt", "finetune/log.jsonl"],
     "static_finetune": ["static_finetune/best.pt", "static_finetune/plan.yaml", "static_finetune/log.jsonl"],
+    "round_up": ["round_up/round_up.json"],
     "evaluate": ["eval/prance.json", "eval/prance.csv", "eval/selector.json", "eval/selector.csv", "eval/dense.json",
                  "eval/static_finetune.json"],
     "bench": ["bench/bench.json", "bench/bench.png"],
@@ -144,7 +145,7 @@ def test_an_interrupted_run_continues_to_where_an_uninterrupted_run_ends(
     monkeypatch.setattr(finetune_module, "run_finetune", joint_stops)
     assert main(argv) == 2
     out, err = capsys.readouterr()
-    assert "== stage 2/9 meta: the meta-network (sandwich rule, distilled from dense) (continuing" in out
+    assert "== stage 2/10 meta: the meta-network (sandwich rule, distilled from dense) (continuing" in out
     assert "interrupted; run the same command again" in err, err
     record = json.loads((run / "stages.json").read_text())
     assert [s for s in STAGES if record.get(s, {}).get("status") == "done"] == ["dense", "meta", "sweep", "selector"]
@@ -152,7 +153,7 @@ def test_an_interrupted_run_continues_to_where_an_uninterrupted_run_ends(
     monkeypatch.setattr(finetune_module, "run_finetune", real_finetune)
     assert main(argv) == 0
     log = capsys.readouterr().out
-    assert "== stage 1/9 dense: done already" in log and "== stage 5/9 finetune: joint fine-tuning (continuing" in log
+    assert "== stage 1/10 dense: done already" in log and "== stage 5/10 finetune: joint fine-tuning (continuing" in log
 
     ma, mb = (load_checkpoint(r / "meta" / "best.pt")["model"] for r in (run, finished_run))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
@@ -203,7 +204,7 @@ def test_where_it_runs_may_change_and_restart_from_redoes_only_that_stage_and_la
                                         "bench": {"batch_sizes": [2], "runs": 3, "warmup": 1, "rounds": 1, "pool": 4}}))
     assert main(run_argv(override, run, "--restart-from", "bench")) == 0
     out = capsys.readouterr().out
-    assert out.count("done already") == STAGES.index("bench") and "== stage 8/9 bench: " in out
+    assert out.count("done already") == STAGES.index("bench") and "== stage 9/10 bench: " in out
     assert all((run / name).read_bytes() == data for name, data in kept.items())
     assert not (run / "bench" / "stale.txt").exists()
     bench = json.loads((run / "bench" / "bench.json").read_text())
@@ -244,6 +245,39 @@ def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_th
               "--reuse", "not a prance run folder", "stages.json")
     cli_error(capsys, run_argv(config, run, "--budget", "0.6", "--reuse", str(run)), "this run's own folder")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_the_round_up_lever_makes_the_rounded_model_prance_for_evaluation_bench_and_report(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--set round_up.k=2 on a finished run's stages: everything up to the fine-tunes is reused, the rounded
+    model is written, and evaluation, bench and report are of it (at most 2 distinct decisions per stage)."""
+    run = tmp_path / "k2"
+    assert main(run_argv(tiny_config(tmp_path), run, "--set", "round_up.k=2", "--reuse", str(finished_run))) == 0
+    out = capsys.readouterr().out
+    assert "== reusing dense, meta, sweep, selector, finetune, static_finetune of" in out
+    assert "not the rest: stage round_up ran there with another round_up.k" in out
+    rounded = load_checkpoint(run / "round_up" / "adaptive.pt")
+    assert rounded["calibration"]["round_up"] == 2 and rounded["args"]["round_up"] == 2
+    assert Path(rounded["args"]["adaptive"]) == run / "finetune" / "adaptive.pt"
+    assert json.loads((run / "round_up" / "round_up.json").read_text())["model"] == "round_up/adaptive.pt"
+
+    prance = json.loads((run / "eval" / "prance.json").read_text())
+    assert Path(prance["checkpoint"]) == run / "round_up" / "adaptive.pt"
+    depth = load_checkpoint(run / "dense" / "best.pt")["config"]["stage_depth"]
+    for stage in range(1, 3):  # the decided stages of the micro model
+        blocks = slice(stage * depth, (stage + 1) * depth)
+        decisions = {(r["widths"][stage], *r["mlp_ratios"][blocks], *r["heads"][blocks], r["keep"][stage],
+                      r["merge_keep"][stage]) for r in prance["images"]}
+        assert len(decisions) <= 2, (stage, decisions)
+    bench = json.loads((run / "bench" / "bench.json").read_text())
+    assert f"--checkpoint {run / 'round_up' / 'adaptive.pt'} " in bench["meta"]["command"]
+    results = json.loads((run / "results.json").read_text())
+    assert "round_up/adaptive.pt" in next(r["source"] for r in results["rows"] if r["key"] == "prance")
+    # The lever off again is the original run's PRANCE: nothing of the rounded model is read.
+    assert json.loads((finished_run / "round_up" / "round_up.json").read_text()) == {
+        "k": 0, "model": "finetune/adaptive.pt"}
+    assert not (finished_run / "round_up" / "adaptive.pt").exists()
 
 
 def test_reuse_takes_nothing_after_a_stage_this_run_did_itself(
