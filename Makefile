@@ -77,7 +77,8 @@ headline: reproduce
 		test -f $$sel/test-$$b.json || $(PY) -m prance evaluate --checkpoint $$sel/adaptive.pt --budget $$b \
 			--out $$sel/test-$$b.json || exit 1; \
 	done
-	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) --out $(HEADLINE_DIR)
+	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) \
+		$(foreach b,0.35 0.5 0.7,--evaluation $(HEADLINE_DIR)/budget-range/test-$(b).json) --out $(HEADLINE_DIR)
 
 # Each variant changes one setting of reproduce and reuses the stages before the one it changes.
 levers: reproduce

@@ -14,6 +14,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                        "comparison.png: test top-1, MACs / dense, parameters, tokens after the last stage and "
                        "speed-up over the dense model of the same run's bench, read from each run's own files.")
     c.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the --out of `prance run`)")
+    c.add_argument("--evaluation", action="append", default=[], metavar="FILE",
+                   help="also a test-split evaluation of an adaptive model (prance evaluate --out FILE.json), e.g. a "
+                   "budget-range selector at one budget; one row without speed; repeatable")
     c.add_argument("--out", required=True, help="folder for comparison.md, comparison.json and comparison.png")
     c.set_defaults(func=command)
 
@@ -21,6 +24,6 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> None:
     from prance.evaluation.compare import write_comparison
 
-    path = write_comparison(args.runs, args.out)
+    path = write_comparison(args.runs, args.out, args.evaluation)
     print(path.read_text(), end="")
     print(f"wrote {path}, {path.parent / 'comparison.json'} and {path.parent / 'comparison.png'}")

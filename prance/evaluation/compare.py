@@ -3,12 +3,15 @@
 Each run contributes the rows of its own report (:func:`prance.evaluation.report.collect`), so every
 number still comes from that run's files and is on its test split. Speed-ups are each method's
 images per second over the dense row's in the same run's bench (one machine, one sitting); runs
-benchmarked apart are compared through those ratios, never through raw throughput.
+benchmarked apart are compared through those ratios, never through raw throughput. Test-split
+evaluations of adaptive models made outside a run (``prance evaluate --out``, e.g. one budget-range
+selector at several budgets) add one row each, without speed.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +24,9 @@ from prance.evaluation.report import RunFiles, collect, source_commit
 ROW_KEYS = ("key", "method", "status", "top1", "images", "gmacs", "macs_ratio", "params_m", "token_fraction_last")
 
 
-def compare_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
-    """The headline rows of every run in ``runs`` (in that order), with speed-ups over the run's own dense."""
+def compare_runs(runs: Sequence[str | Path], evaluations: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The headline rows of every run in ``runs`` (in that order), with speed-ups over the run's own dense, then one
+    row per adaptive model's test-split evaluation file in ``evaluations``."""
     if not runs:
         raise PranceError("give at least one run folder (the --out of `prance run`)")
     folders = [Path(r).resolve() for r in runs]
@@ -41,9 +45,35 @@ def compare_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
             rows.append({"run": str(folder), "label": label, "mode": cfg.get("mode"), "budget": cfg.get("budget"),
                          **{k: r[k] for k in ROW_KEYS}, "speedup": speedup})
         verdicts.append({"run": str(folder), "label": label, "text": results["verdict"]["text"]})
+    rows += [evaluation_row(Path(e)) for e in evaluations]
     return {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": source_commit(), "split": "test", "runs": [str(f) for f in folders], "rows": rows,
             "verdicts": verdicts}
+
+
+def evaluation_row(path: Path) -> dict[str, Any]:
+    """One comparison row from ``prance evaluate --out`` of an adaptive model on the test split (no speed)."""
+    from prance.evaluation.report import headline_row
+
+    if not path.is_file():
+        raise PranceError(f"--evaluation {path}: file not found; give the --out of `prance evaluate --checkpoint "
+                          "ADAPTIVE.pt`")
+    try:
+        result = json.loads(path.read_text())
+        summary, split = result["summary"], result["split"]
+        budget_range = result.get("budget_range") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise PranceError(f"--evaluation {path} is not an adaptive model's evaluation (prance evaluate --checkpoint "
+                          "ADAPTIVE.pt --out FILE.json)") from None
+    if split != "test":
+        raise PranceError(f"--evaluation {path} is of the {split} split; the comparison is on the test split "
+                          "(evaluate with --split test)")
+    ranged = len(set(budget_range)) > 1
+    method = ("budget-range selector " + "-".join(f"{b:g}" for b in budget_range)) if ranged else "adaptive model"
+    dense_macs = float(summary["macs"]) / float(summary["macs_ratio"])
+    row = headline_row("adaptive", method, str(path), summary, dense_macs)
+    return {"run": str(path.resolve()), "label": f"{path.parent.name}/{path.stem}", "mode": None,
+            "budget": result.get("budget"), **{k: row[k] for k in ROW_KEYS}, "speedup": {}}
 
 
 def run_labels(folders: Sequence[Path]) -> list[str]:
@@ -72,7 +102,7 @@ def markdown(comparison: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in comparison["rows"]:
         top1 = _fmt(r["top1"], ".2f") if r["top1"] is not None else r["status"]
-        cells = [r["label"], str(r["mode"]), _fmt(r["budget"], "g"), r["method"], top1,
+        cells = [r["label"], r["mode"] or "—", _fmt(r["budget"], "g"), r["method"], top1,
                  _fmt(r["macs_ratio"], ".3f"), _fmt(r["params_m"], ".3f"), _fmt(r["token_fraction_last"], ".3f")]
         cells += [_fmt(r["speedup"].get(b), ".2f") + ("×" if b in r["speedup"] else "") for b in sizes]
         lines.append("| " + " | ".join(cells) + " |")
@@ -80,13 +110,13 @@ def markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(runs: Sequence[str | Path], out: str | Path) -> Path:
+def write_comparison(runs: Sequence[str | Path], out: str | Path, evaluations: Sequence[str | Path] = ()) -> Path:
     """Write OUT/comparison.md, comparison.json and comparison.png; returns the Markdown file."""
     from prance.evaluation.evaluate import write_json
     from prance.evaluation.report_figures import runs_pareto
     from prance.files import atomic_write, check_writable_dir
 
-    comparison = compare_runs(runs)
+    comparison = compare_runs(runs, evaluations)
     out = check_writable_dir(out, "--out folder")
     comparison["figure"] = "comparison.png" if runs_pareto(comparison["rows"], out / "comparison.png") else None
     write_json(comparison, out / "comparison.json")
@@ -94,4 +124,4 @@ def write_comparison(runs: Sequence[str | Path], out: str | Path) -> Path:
     return atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
 
 
-__all__ = ["compare_runs", "markdown", "write_comparison"]
+__all__ = ["compare_runs", "evaluation_row", "markdown", "write_comparison"]

@@ -101,8 +101,8 @@ class RunFiles:
 
 
 # ----------------------------------------------------------------------------- one row of the headline table
-def _row(key: str, method: str, source: str, r: dict[str, Any] | None, dense_macs: float | None,
-         not_run: str = NOT_RUN, **extra: Any) -> dict[str, Any]:
+def headline_row(key: str, method: str, source: str, r: dict[str, Any] | None, dense_macs: float | None,
+                 not_run: str = NOT_RUN, **extra: Any) -> dict[str, Any]:
     """A headline row from an evaluation record ``r`` (``evaluate``'s row or an adaptive summary)."""
     row = {"key": key, "method": method, "source": source, "status": "done" if r else not_run, "top1": None,
            "images": None, "gmacs": None, "macs_ratio": None, "params_m": None, "token_fraction_last": None,
@@ -193,15 +193,16 @@ def _dense_rows(files: RunFiles, bench: dict[str, Any] | None
         speed, reference = _bench_rows(bench, "dense-timm"), "timm's VisionTransformer with the same weights"
         if not speed:
             speed, reference = _bench_rows(bench, "dense"), "the meta-network at full size"
-        rows = [_row("dense", "dense", "eval/dense.json (dense/best.pt, plan max)", dense, dense_macs,
-                     files.not_run("eval/dense.json"), speed=speed, notes=[f"speed: {reference}"] if speed else [])]
+        rows = [headline_row("dense", "dense", "eval/dense.json (dense/best.pt, plan max)", dense, dense_macs,
+                             files.not_run("eval/dense.json"), speed=speed,
+                             notes=[f"speed: {reference}"] if speed else [])]
         for r in dense_eval["rows"]:
             kind, _, setting = r["plan_name"].partition(":")
             if kind not in ("evit", "tome"):
                 continue
-            row = _row(kind, f"EViT (keep {setting})" if kind == "evit" else f"ToMe (r = {setting})",
-                       f"eval/dense.json (dense/best.pt, {r['plan_name']})", r, dense_macs,
-                       speed=_bench_rows(bench, kind))
+            row = headline_row(kind, f"EViT (keep {setting})" if kind == "evit" else f"ToMe (r = {setting})",
+                               f"eval/dense.json (dense/best.pt, {r['plan_name']})", r, dense_macs,
+                               speed=_bench_rows(bench, kind))
             timed = _timed(bench, kind).get("keep_rate" if kind == "evit" else "r")
             if row["speed"] and timed is not None and float(timed) != float(setting):
                 row["notes"].append(f"bench timed {kind} at {'keep' if kind == 'evit' else 'r ='} {timed:g} "
@@ -219,8 +220,8 @@ def _prance_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: floa
     for key, method, rel, model in (("prance", "PRANCE", "eval/prance.json", files.prance_model()),
                                     ("selector", "PRANCE before fine-tuning", "eval/selector.json",
                                      "selector/adaptive.pt")):
-        rows.append(_row(key, method, f"{rel} ({model})", _summary(files, rel), dense_macs, files.not_run(rel),
-                         speed=_bench_rows(bench, "prance") if key == "prance" else {}))
+        rows.append(headline_row(key, method, f"{rel} ({model})", _summary(files, rel), dense_macs,
+                                 files.not_run(rel), speed=_bench_rows(bench, "prance") if key == "prance" else {}))
     with files.reading("bench/bench.json"):
         _check_bench_model(rows[0], bench, files.json("eval/prance.json"))
     return rows
@@ -243,9 +244,10 @@ def _static_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: floa
     with files.reading("eval/static_finetune.json"):
         evaluated = files.json("eval/static_finetune.json")
         ft = evaluated["rows"][0] if evaluated is not None else None
-        rows = [with_speed(_row("static_finetune", "static-plan fine-tune", "eval/static_finetune.json "
-                                f"(static_finetune/best.pt, plan {ft['plan_name'] if ft else 'plan.yaml'})", ft,
-                                dense_macs, files.not_run("eval/static_finetune.json")), ft and ft["plan"])]
+        rows = [with_speed(headline_row("static_finetune", "static-plan fine-tune", "eval/static_finetune.json "
+                                        f"(static_finetune/best.pt, plan {ft['plan_name'] if ft else 'plan.yaml'})",
+                                        ft, dense_macs, files.not_run("eval/static_finetune.json")),
+                           ft and ft["plan"])]
     choice: dict[str, Any] = {"rule": "the sweep's static subnet with the best holdout top-1 among those with MACs "
                               "<= PRANCE's mean MACs on the test split (fine-tuned PRANCE, else before fine-tuning)"}
     sweep = files.json("sweep/sweep.json")
@@ -253,7 +255,7 @@ def _static_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: floa
     source = "sweep/sweep.json (meta/best.pt; chosen on holdout top-1)"
     if sweep is None or reference is None:
         missing = files.not_run("sweep/sweep.json" if sweep is None else "eval/prance.json")
-        return rows + [_row("best_static", "best static subnet", source, None, dense_macs, missing)], choice
+        return rows + [headline_row("best_static", "best static subnet", source, None, dense_macs, missing)], choice
     with files.reading("sweep/sweep.json"):
         best, fitting = best_static_subnet(sweep["rows"], float(reference["macs"]))
         choice.update(max_gmacs=float(reference["macs"]) / 1e9, candidates=len(sweep["rows"]), fitting=fitting,
@@ -261,9 +263,9 @@ def _static_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: floa
         record = best and {"top1": best["test_top1"], "macs": best["macs"], "params_m": best["params_m"],
                            "images": sweep.get("test_images"),
                            "token_fractions": [plan_token_fraction(config, best["plan"])]}
-        row = _row("best_static", f"best static subnet ({best['name']})" if best else "best static subnet", source,
-                   record, dense_macs, "no static subnet of the sweep fits within PRANCE's mean MACs",
-                   holdout_top1=best["holdout_top1"] if best else None)
+        row = headline_row("best_static", f"best static subnet ({best['name']})" if best else "best static subnet",
+                           source, record, dense_macs, "no static subnet of the sweep fits within PRANCE's mean MACs",
+                           holdout_top1=best["holdout_top1"] if best else None)
     return rows + [with_speed(row, best and best["plan"])], choice
 
 

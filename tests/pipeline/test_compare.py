@@ -48,6 +48,34 @@ def test_the_table_holds_each_runs_own_numbers_and_speed_ups_over_its_own_dense(
     assert json.loads((out / "comparison.json").read_text())["rows"] == comparison["rows"]
 
 
+@pytest.mark.slow
+def test_an_adaptive_models_evaluation_file_adds_one_row_with_its_own_numbers(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evaluation = tmp_path / "range" / "test-0.5.json"
+    assert main(["evaluate", "--checkpoint", str(finished_run / "finetune" / "adaptive.pt"), "--limit", "50",
+                 "--out", str(evaluation)]) == 0
+    result = json.loads(evaluation.read_text())
+    out = tmp_path / "cmp"
+    assert main(["compare", str(finished_run), "--evaluation", str(evaluation), "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    row = rows[-1]
+    assert [r["run"] for r in rows].count(str(evaluation.resolve())) == 1
+    assert row["label"] == "range/test-0.5" and row["budget"] == 0.5 and row["speedup"] == {}
+    assert row["top1"] == result["summary"]["top1"] and row["images"] == 50
+    assert row["macs_ratio"] == pytest.approx(result["summary"]["macs_ratio"])
+    assert row["token_fraction_last"] == pytest.approx(result["summary"]["token_fractions"][-1])
+    assert "| range/test-0.5 | — | 0.5 | adaptive model |" in (out / "comparison.md").read_text()
+
+    holdout = tmp_path / "holdout.json"
+    holdout.write_text(json.dumps({**result, "split": "holdout"}))
+    cli_error(capsys, ["compare", str(finished_run), "--evaluation", str(holdout), "--out", str(tmp_path / "c2")],
+              "holdout split", "--split test")
+    cli_error(capsys, ["compare", str(finished_run), "--evaluation", str(finished_run / "eval" / "dense.json"),
+                       "--out", str(tmp_path / "c2")], "not an adaptive model's evaluation")
+    assert not (tmp_path / "c2").exists()
+
+
 def test_bad_run_folders_are_one_line_errors_and_leave_no_output(
         finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
