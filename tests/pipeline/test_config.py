@@ -111,6 +111,11 @@ def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path
         "folder", str(tmp_path / "grey"), 20, 1)
     big = _from_flags("--data", str(tmp_path / "big"))
     assert (big.dense.img_size, big.dense.model_overrides["in_chans"]) == (32, 3)  # capped: trained from scratch
+    # A folder given as a setting (--set, or a config file's data: PATH) is read the same way as --data.
+    assert _from_flags("--set", f"data={tmp_path / 'grey'}") == grey
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": str(tmp_path / "grey")}))
+    assert _from_flags("--config", str(config)) == grey
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -119,6 +124,7 @@ def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path
     (["--budget", "0"], ["budget 0.0 must be a fraction"]),
     (["--dense-epochs", "0"], ["dense.epochs must be at least 1, got 0"]),
     (["--data", "/no/such/folder"], ["data /no/such/folder", "ImageNet-layout folder"]),
+    (["--set", "data=/no/such/folder"], ["data /no/such/folder", "ImageNet-layout folder", "no such folder"]),
     (["--init", "/no/such/deit.pth"], ["init /no/such/deit.pth: file not found"]),
     (["--schedule", "fast"], ["argument --schedule: invalid choice: 'fast'"]),
     (["--config", "/no/such.yaml"], ["--config /no/such.yaml: file not found"]),
