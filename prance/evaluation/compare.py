@@ -61,17 +61,18 @@ def evaluation_row(path: Path) -> dict[str, Any]:
     try:
         result = json.loads(path.read_text())
         summary, split = result["summary"], result["split"]
-        budget_range = result.get("budget_range") or []
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        budget_range = [float(b) for b in result.get("budget_range") or []]
+        dense_macs = float(summary["macs"]) / float(summary["macs_ratio"])
+        ranged = len(set(budget_range)) > 1
+        method = ("budget-range selector " + "-".join(f"{b:g}" for b in budget_range)) if ranged else \
+            "adaptive model"
+        row = headline_row("adaptive", method, str(path), summary, dense_macs)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError):
         raise PranceError(f"--evaluation {path} is not an adaptive model's evaluation (prance evaluate --checkpoint "
                           "ADAPTIVE.pt --out FILE.json)") from None
     if split != "test":
         raise PranceError(f"--evaluation {path} is of the {split} split; the comparison is on the test split "
                           "(evaluate with --split test)")
-    ranged = len(set(budget_range)) > 1
-    method = ("budget-range selector " + "-".join(f"{b:g}" for b in budget_range)) if ranged else "adaptive model"
-    dense_macs = float(summary["macs"]) / float(summary["macs_ratio"])
-    row = headline_row("adaptive", method, str(path), summary, dense_macs)
     return {"run": str(path.resolve()), "label": f"{path.parent.name}/{path.stem}", "mode": None,
             "budget": result.get("budget"), **{k: row[k] for k in ROW_KEYS}, "speedup": {}}
 

@@ -250,8 +250,10 @@ def _stages(stages: dict[str, Any]) -> list[str]:
     if not stages:
         return ["## Stages", "", "*No stages.json (a run folder assembled by hand, or written before it).*", ""]
     lines = ["## Stages", "", "| stage | status | wall time (s) | finished |", "|---|---|---|---|"]
-    for name, s in stages.items():
-        s = s if isinstance(s, dict) else {}
+    from prance.pipeline.config import STAGES
+
+    for name in sorted(stages, key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES)):
+        s = stages[name] if isinstance(stages[name], dict) else {}
         lines.append(f"| {name} | {s.get('status', '—')} | {_fmt(s.get('seconds'), '.0f')} | "
                      f"{s.get('finished', '—')} |")
     return lines + [""]

@@ -112,22 +112,23 @@ def runs_pareto(rows: Sequence[dict[str, Any]], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     lines = ("-", "--", ":", "-.")
     modes = list(dict.fromkeys(str(r["mode"]) for r in points))
-    for key in dict.fromkeys(r["key"] for r in points):
+
+    def series_of(r: dict[str, Any]) -> tuple[str, str, str]:  # an evaluation file's model: a series by method
+        return r["key"], str(r["mode"]), r["method"] if r["key"] == "adaptive" else ""
+
+    for key, mode, method in dict.fromkeys(series_of(r) for r in points):
         marker, colour, size = STYLE.get(key, ("o", "purple", 60))
-        for mode in modes:
-            series = sorted((r for r in points if r["key"] == key and str(r["mode"]) == mode),
-                            key=lambda r: r["macs_ratio"])
-            if not series:
-                continue
-            xs, ys = [r["macs_ratio"] for r in series], [r["top1"] for r in series]
-            face = "none" if colour == "none" else colour
-            ax.plot(xs, ys, lines[modes.index(mode) % len(lines)], color="tab:red" if face == "none" else face,
-                    lw=0.8, marker=marker, markersize=math.sqrt(size), markerfacecolor=face,
-                    markeredgecolor="black", label=f"{series[0]['method'].split(' (')[0]} ({mode})")
-            if key == "prance":
-                for r in series:
-                    ax.annotate(str(r.get("label") or r["budget"]), (r["macs_ratio"], r["top1"]), xytext=(4, -10),
-                                textcoords="offset points", fontsize=7)
+        series = sorted((r for r in points if series_of(r) == (key, mode, method)), key=lambda r: r["macs_ratio"])
+        xs, ys = [r["macs_ratio"] for r in series], [r["top1"] for r in series]
+        face = "none" if colour == "none" else colour
+        name = series[0]["method"].split(" (")[0] + ("" if series[0]["mode"] is None else f" ({mode})")
+        ax.plot(xs, ys, lines[modes.index(mode) % len(lines)], color="tab:red" if face == "none" else face,
+                lw=0.8, marker=marker, markersize=math.sqrt(size), markerfacecolor=face, markeredgecolor="black",
+                label=name)
+        if key in ("prance", "adaptive"):
+            for r in series:
+                ax.annotate(str(r.get("label") or r["budget"]), (r["macs_ratio"], r["top1"]), xytext=(4, -10),
+                            textcoords="offset points", fontsize=7)
     ax.set_xlabel("mean MACs / dense (selector included)")
     ax.set_ylabel("top-1 on the test split (%)")
     ax.grid(alpha=0.3)

@@ -125,9 +125,12 @@ class StaticFinetuneStage:
 class RoundUpStage:
     """``prance round-up --checkpoint finetune/adaptive.pt --k K``: the speed lever that rounds every image's stage
     decisions up to one of K representatives (learned on the holdout, the budget calibrated again), so a batch
-    holds at most K distinct decisions per stage. 0: off, PRANCE is finetune/adaptive.pt itself."""
+    holds at most K distinct decisions per stage, and never gives an image less compute than its selector asked
+    for. 0: off, PRANCE is finetune/adaptive.pt itself."""
 
-    k: int = 0
+    # 4: on the full schedule's merge run at budget 0.5, K = 4 had the best holdout top-1 (89.33 %, K = 8: 89.20 %,
+    # off: 89.10 %) and ran fastest at batch 64 (1.24x dense against 1.20x and 1.09x).
+    k: int = 4
     holdout_limit: int | None = None  # learn and calibrate on at most this many held-out images
     batch_size: int = 256
 

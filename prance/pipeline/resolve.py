@@ -44,7 +44,7 @@ def resolve_config(config_file: str | os.PathLike[str] | None = None, flags: Map
     cfg = merge(cfg, _nested(settings or {}, keep_none=True), "--set")
     cfg = merge(cfg, _nested(flags), "flags")
     if cfg.data not in DATASETS:  # a folder's path as data (--set data=PATH, or a file's data: PATH)
-        cfg = replace(cfg, **data_settings(cfg.data))
+        cfg = replace(cfg, **data_settings(cfg.data, cfg.data_dir))
     return check(_filled(cfg))
 
 

@@ -1,14 +1,16 @@
 """``prance run``: every stage of the pipeline, in order, resumable stage by stage.
 
     resolve settings → check them against RUN/stages.json → write RUN/config.yaml →
-    for each stage: done with these settings? skip : run it (its own resume continues an
-    interrupted one) → record it done.
+    for each stage: done with these settings (and no earlier stage ran now)? skip : run it
+    (its own resume continues an interrupted one) → record it done.
 
 A stage recorded done (or started) with other settings than this invocation's is refused in
 one line that names the stage and the setting — its results, and every later stage's, come
 from the old value — with the fixes: ``--restart-from STAGE`` (that stage and every later one
 start over; earlier ones are kept), a new ``--out``, or the run's own settings
-(``--config RUN/config.yaml``). Results are never mixed silently.
+(``--config RUN/config.yaml``). Results are never mixed silently: once a stage has run, every
+later one runs again even if it was recorded done (a stage new to a run folder made by an older
+version, for instance, feeds the ones after it).
 
 Under ``torchrun`` every process runs this and joins one process group for the whole run: the
 training stages run in all of them (each stage's command uses that group), everything else —
@@ -100,12 +102,17 @@ def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str]
         fresh.difference_update([s for s in fresh if ledger.done(s)])  # restarted stages done now were reused
 
     last_training = max(i for i, stage in enumerate(STAGE_LIST) if stage.training)
+    ran = False  # a stage ran in this invocation: every later one runs again (e.g. a stage new to an old run)
     for index, stage in enumerate(STAGE_LIST):
         head = f"== stage {index + 1}/{len(STAGE_LIST)} {stage.name}"
         if not writer and index > last_training:
             break  # the rest is rank 0's
+        if ran and ledger.done(stage.name) and stage.name not in fresh:  # its inputs may have changed
+            fresh.update(STAGES[index:])
+            if writer:
+                say(f"== an earlier stage ran now, so {', '.join(ledger.restart_from(stage.name))} run again")
         if ledger.done(stage.name) and stage.name not in fresh:
-            missing = [o for o in stage.outputs if not (run / o).exists()]
+            missing = [o for o in stage.files(cfg) if not (run / o).exists()]
             if missing:
                 raise PranceError(f"{run}: stage {stage.name} is recorded done but {missing[0]} is missing; pass "
                                   f"--restart-from {stage.name} to redo it and every later stage")
@@ -130,8 +137,9 @@ def _stages(cfg: RunConfig, run: Path, restart_from: str | None, fresh: set[str]
                     ledger.pause(stage.name, time.perf_counter() - start)
                 raise
         seconds = time.perf_counter() - start
+        ran = True
         if writer:
-            missing = [o for o in stage.outputs if not (run / o).exists()]
+            missing = [o for o in stage.files(cfg) if not (run / o).exists()]
             if missing:
                 raise PranceError(f"stage {stage.name} stopped before writing {run / missing[0]}; run the same "
                                   "command again to continue it")
@@ -170,7 +178,7 @@ def _reuse(ctx: Context, source: Path, ledger: Ledger, settings: dict[str, dict[
     taken: list[str] = []
     for stage in STAGE_LIST:
         name = stage.name
-        missing = [o for o in stage.outputs if not (source / o).exists()]
+        missing = [o for o in stage.files(ctx.cfg) if not (source / o).exists()]
         changed = theirs.changed(name, settings[name]) if theirs.done(name) else None
         why = ("the report is always written anew" if stage.folder is None else
                f"stage {name} is not done there" if not theirs.done(name) else

@@ -34,6 +34,7 @@ DEMO: dict[str, dict[str, Any]] = {
     "finetune": {"max_steps": 100, "batch_size": 64, "warmup_steps": 10, "holdout_limit": 1000,
                  "checkpoint_every": 50},
     "static_finetune": {"static_candidates": 8},
+    "round_up": {"holdout_limit": 1000},
     "bench": {"runs": 16, "warmup": 4, "rounds": 4},
 }
 

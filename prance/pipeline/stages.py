@@ -58,10 +58,14 @@ class Stage:
 
     name: str
     run: Callable[[Context], None]
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]]  # or what the settings make it write
     folder: str | None = None  # removed when the stage starts over (None: writes into the run folder)
     training: bool = False  # runs in every process under torchrun
     describe: str = ""
+
+    def files(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The files (relative to the run) that prove the stage done under settings ``cfg``."""
+        return self.outputs(cfg) if callable(self.outputs) else self.outputs
 
 
 # ----------------------------------------------------------------------------- the training commands' settings
@@ -339,8 +343,8 @@ STAGE_LIST: tuple[Stage, ...] = (
     Stage("finetune", finetune, ("finetune/adaptive.pt",), "finetune", True, "joint fine-tuning"),
     Stage("static_finetune", static_finetune, ("static_finetune/best.pt", "static_finetune/plan.yaml"),
           "static_finetune", True, "static-plan fine-tuning (the fair baseline)"),
-    Stage("round_up", round_up, ("round_up/round_up.json",), "round_up", False,
-          "the round-up speed lever (K representative decisions per stage; 0: off)"),
+    Stage("round_up", round_up, lambda cfg: ("round_up/round_up.json", prance_model(cfg.round_up.k)), "round_up",
+          False, "the round-up speed lever (K representative decisions per stage; 0: off)"),
     Stage("evaluate", evaluate, tuple(f"eval/{n}.json" for n in ("prance", "selector", "dense", "static_finetune")),
           "eval", False, "the test split"),
     Stage("bench", bench, ("bench/bench.json",), "bench", False, "wall-clock speed at matched MACs"),

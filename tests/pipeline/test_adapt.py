@@ -49,5 +49,6 @@ def test_the_readme_example_runs_as_written(finished_run: Path, tmp_path: Path, 
     assert isinstance(net, AdaptiveViT) and net.budget == 0.5
     saved = load_checkpoint(run / "finetune" / "adaptive.pt")["model"]
     assert all(torch.equal(v, saved[k]) for k, v in net.model.state_dict().items())  # the run's final model
+    assert net.representatives is not None  # the final model is the rounded-up one (round_up.k = 4 by default)
     assert summary["images"] == len(per_image) == 10_000  # the whole test split
     assert f"top-1 {summary['top1']:.2f}%" in out and "dense-timm" in out and "prance" in out

@@ -67,6 +67,12 @@ def test_an_adaptive_models_evaluation_file_adds_one_row_with_its_own_numbers(
     assert row["token_fraction_last"] == pytest.approx(result["summary"]["token_fractions"][-1])
     assert "| range/test-0.5 | — | 0.5 | adaptive model |" in (out / "comparison.md").read_text()
 
+    ranged = tmp_path / "range" / "test-0.35.json"  # a selector of a budget range is named by its range
+    ranged.write_text(json.dumps({**result, "budget_range": [0.3, 0.8], "budget": 0.35}))
+    capsys.readouterr()
+    assert main(["compare", str(finished_run), "--evaluation", str(ranged), "--out", str(out)]) == 0
+    assert "| range/test-0.35 | — | 0.35 | budget-range selector 0.3-0.8 |" in capsys.readouterr().out
+
     holdout = tmp_path / "holdout.json"
     holdout.write_text(json.dumps({**result, "split": "holdout"}))
     cli_error(capsys, ["compare", str(finished_run), "--evaluation", str(holdout), "--out", str(tmp_path / "c2")],

@@ -4,6 +4,7 @@ resuming an interrupted run to the same result, and refusing changed settings.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -253,7 +254,8 @@ def test_the_round_up_lever_makes_the_rounded_model_prance_for_evaluation_bench_
     """--set round_up.k=2 on a finished run's stages: everything up to the fine-tunes is reused, the rounded
     model is written, and evaluation, bench and report are of it (at most 2 distinct decisions per stage)."""
     run = tmp_path / "k2"
-    assert main(run_argv(tiny_config(tmp_path), run, "--set", "round_up.k=2", "--reuse", str(finished_run))) == 0
+    argv = run_argv(tiny_config(tmp_path), run, "--set", "round_up.k=2", "--reuse", str(finished_run))
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "== reusing dense, meta, sweep, selector, finetune, static_finetune of" in out
     assert "not the rest: stage round_up ran there with another round_up.k" in out
@@ -273,11 +275,37 @@ def test_the_round_up_lever_makes_the_rounded_model_prance_for_evaluation_bench_
     bench = json.loads((run / "bench" / "bench.json").read_text())
     assert f"--checkpoint {run / 'round_up' / 'adaptive.pt'} " in bench["meta"]["command"]
     results = json.loads((run / "results.json").read_text())
-    assert "round_up/adaptive.pt" in next(r["source"] for r in results["rows"] if r["key"] == "prance")
-    # The lever off again is the original run's PRANCE: nothing of the rounded model is read.
-    assert json.loads((finished_run / "round_up" / "round_up.json").read_text()) == {
-        "k": 0, "model": "finetune/adaptive.pt"}
-    assert not (finished_run / "round_up" / "adaptive.pt").exists()
+    row = next(r for r in results["rows"] if r["key"] == "prance")
+    assert "round_up/adaptive.pt" in row["source"] and row["speed"]  # timed: the lever's point
+    assert any(n.startswith("speed: bench timed the evaluated decisions") for n in row["notes"])
+    # The source run (the default, K = 4) was left as it was.
+    assert load_checkpoint(finished_run / "round_up" / "adaptive.pt")["calibration"]["round_up"] == 4
+
+    # The rounded model is one of the stage's outputs: without it the stage is not done.
+    (run / "round_up" / "adaptive.pt").unlink()
+    cli_error(capsys, argv, "stage round_up is recorded done but round_up/adaptive.pt is missing",
+              "--restart-from round_up")
+
+
+@pytest.mark.slow
+def test_a_stage_new_to_an_old_run_folder_runs_and_every_later_stage_runs_again(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run folder written before the round_up stage existed (no record of it), continued with the lever on:
+    evaluation, bench and report were recorded done, but of the model before rounding, so they run again."""
+    run = copy_run(finished_run, tmp_path / "old")
+    record = json.loads((run / "stages.json").read_text())
+    del record["round_up"]
+    (run / "stages.json").write_text(json.dumps(record))
+    shutil.rmtree(run / "round_up")
+    before = (run / "eval" / "prance.json").read_text()
+    assert main(run_argv(tiny_config(tmp_path), run, "--set", "round_up.k=2")) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == STAGES.index("round_up")
+    assert "== an earlier stage ran now, so evaluate, bench, report run again" in out
+    prance = json.loads((run / "eval" / "prance.json").read_text())
+    assert json.loads(before)["calibration"]["round_up"] == 4 and prance["calibration"]["round_up"] == 2
+    assert Path(prance["checkpoint"]) == run / "round_up" / "adaptive.pt"
+    assert list(json.loads((run / "stages.json").read_text())) == list(STAGES)
 
 
 def test_reuse_takes_nothing_after_a_stage_this_run_did_itself(
