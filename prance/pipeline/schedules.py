@@ -3,11 +3,13 @@
 ``full`` is the recipe of the headline runs — the stage dataclasses' own defaults (dense 25
 epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to keep 0.25;
 12 static subnets; 300 selector updates; 1 epoch of joint and of static-plan fine-tuning;
-bench at batch 1 and 64). ``demo`` shows the whole method on Fashion-MNIST in at most about
-half an hour on two idle CPU cores: every stage runs on the full data sets, only shorter.
+decisions rounded up to K = 4 per stage; bench at batch 1 and 64). ``demo`` shows the whole
+method on Fashion-MNIST in at most about half an hour on two idle CPU cores: every stage runs on
+the full data sets, only shorter.
 
-Timed at commit 8fbe77f (dense batch 128, a sweep of 6 subnets; now 64 and 12, not re-timed: the sweep
-takes ~2.5 min more) on two idle cores (`make demo` from a clean clone): 23 min 11 s in all,
+Timed at commit 8fbe77f (dense batch 128, a sweep of 6 subnets, no round-up; now 64, 12 and K = 4
+on 1000 held-out images, not re-timed: the sweep takes ~2.5 min more, the round-up ~1.2) on two
+idle cores (`make demo` from a clean clone): 23 min 11 s in all,
 set-up included — dense 8.8 min, meta 2.8, sweep 2.6, selector 1.9, fine-tune 1.8, static-plan
 fine-tune 0.8, evaluation 1.4, bench 0.6, report 0.1. Planned beforehand from the headline runs
 (fmnist-tiny on the 2-core development machine: dense training ~200 img/s, the meta-network's
