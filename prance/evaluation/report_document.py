@@ -254,6 +254,6 @@ def _stages(stages: dict[str, Any]) -> list[str]:
 
     for name in sorted(stages, key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES)):
         s = stages[name] if isinstance(stages[name], dict) else {}
-        lines.append(f"| {name} | {s.get('status', '—')} | {_fmt(s.get('seconds'), '.0f')} | "
-                     f"{s.get('finished', '—')} |")
+        status = s.get("status", "—") + (f" in {s['reused_from']} (reused)" if s.get("reused_from") else "")
+        lines.append(f"| {name} | {status} | {_fmt(s.get('seconds'), '.0f')} | {s.get('finished', '—')} |")
     return lines + [""]

@@ -236,7 +236,8 @@ def test_reuse_copies_the_leading_stages_done_with_the_same_settings_and_runs_th
     assert record["meta"]["reused_from"] == str(finished_run) and record["sweep"]["settings"]["budget"] == 0.6
     selector = load_checkpoint(run / "selector" / "adaptive.pt")
     assert selector["budget"] == 0.6 and Path(selector["args"]["meta"]) == budget_run[0] / "meta" / "best.pt"
-    assert (run / "report.md").is_file()
+    report = (run / "report.md").read_text()  # the stage table says where a reused stage ran and when
+    assert f"| meta | done in {finished_run} (reused) | {record['meta']['seconds']:.0f} | " in report
 
     # Running it again skips everything; a folder that is no run is refused before anything is written.
     assert main(run_argv(config, run, "--budget", "0.6", "--reuse", str(finished_run))) == 0
