@@ -72,7 +72,7 @@ headline: reproduce
 	@# One selector for every budget (trained once on reproduce's meta-network), evaluated at the three budgets.
 	@sel=$(HEADLINE_DIR)/budget-range; resume=$$(test -f $$sel/last.pt && echo --resume); \
 	test -f $$sel/adaptive.pt || $(PY) -m prance train-selector --meta $(REPRODUCE_DIR)/meta/best.pt \
-		--budget-range 0.3,0.8 --budget-bins 6 --updates 900 --out $$sel $$resume || exit 1; \
+		--budget-range 0.3,0.8 --budget-bins 11 --updates 900 --out $$sel $$resume || exit 1; \
 	for b in 0.35 0.5 0.7; do \
 		test -f $$sel/test-$$b.json || $(PY) -m prance evaluate --checkpoint $$sel/adaptive.pt --budget $$b \
 			--out $$sel/test-$$b.json || exit 1; \
