@@ -22,8 +22,9 @@ HEADLINE_DIR ?= runs/headline
 HEADLINE_RUNS := merge-0.35 merge-0.7 prune-0.5 prune_merge-0.5
 LEVERS_DIR ?= runs/levers
 # Variants of reproduce (name:setting), each benchmarked at batch 1, 8 and 64.
-# round-up-K reuse every training stage: only rounding, evaluation and bench run.
-LEVERS := round-up-4:round_up.k=4 round-up-8:round_up.k=8 encoder-cls:selector.encoder=cls \
+# round-up-* reuse every training stage (reproduce rounds up to K = 4, the default): only rounding, evaluation and
+# bench run.
+LEVERS := round-up-off:round_up.k=0 round-up-8:round_up.k=8 encoder-cls:selector.encoder=cls \
 	mlp-per-stage:selector.mlp_per_stage=true keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
 RUN_FLAGS ?=
 
@@ -33,7 +34,7 @@ help:
 	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (~28 min on 2 idle cores, not re-timed), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
-	@echo "make levers      after reproduce: round-up K=4/8, cls encoder, MLP per stage, keep grid, alternate"
+	@echo "make levers      after reproduce: round-up off/K=8, cls encoder, MLP per stage, keep grid, alternate"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
 	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
