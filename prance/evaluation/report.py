@@ -77,14 +77,13 @@ class RunFiles:
     def prance_model(self) -> str:
         """The run file that is PRANCE: the one eval/prance.json evaluated; before that, what config.yaml makes it
         (round_up/adaptive.pt when the round-up lever is on, else finetune/adaptive.pt)."""
-        from prance.pipeline.config import prance_model
+        from prance.pipeline.config import PRANCE_MODELS, prance_model
 
         evaluated = self.json("eval/prance.json")
         checkpoint = evaluated.get("checkpoint") if isinstance(evaluated, dict) else None
-        if isinstance(checkpoint, str):
-            rel = "/".join(Path(checkpoint).parts[-2:])
-            if rel in (prance_model(0), prance_model(1)):
-                return rel
+        evaluated_model = "/".join(Path(checkpoint).parts[-2:]) if isinstance(checkpoint, str) else None
+        if evaluated_model in PRANCE_MODELS:
+            return evaluated_model
         config = self.yaml("config.yaml")
         round_up = config.get("round_up") if isinstance(config, dict) else None
         k = round_up.get("k") if isinstance(round_up, dict) else None

@@ -1,8 +1,8 @@
 """The whole method in one call: ``prance run`` and :func:`prance.adapt`.
 
 dense ViT → meta-network → static-subnet sweep → selector → joint fine-tuning → static-plan
-fine-tuning → test-split evaluation → benchmark → report, each stage one of the commands that
-do the work, in one run folder, resumable stage by stage.
+fine-tuning → round-up of the decisions → test-split evaluation → benchmark → report, each stage
+one of the commands that do the work, in one run folder, resumable stage by stage.
 
 * :mod:`~prance.pipeline.config`    — every setting (one dataclass per stage) and what each stage depends on;
 * :mod:`~prance.pipeline.schedules` — the named schedules (``demo``, ``full``);

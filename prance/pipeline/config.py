@@ -202,9 +202,13 @@ _READS = {"dense": ("data", "init", "seed"), "meta": ("mode", "seed"), "sweep": 
           "evaluate": ("seed",), "bench": ("seed",), "report": ()}
 
 
+#: The run files that can be PRANCE: the fine-tuned model, and the round-up stage's when that lever is on.
+PRANCE_MODELS = ("finetune/adaptive.pt", "round_up/adaptive.pt")
+
+
 def prance_model(round_up_k: int) -> str:
-    """The run file that is PRANCE (evaluated, timed, drawn): the round-up stage's model when it is on."""
-    return "round_up/adaptive.pt" if round_up_k else "finetune/adaptive.pt"
+    """The run file that is PRANCE (evaluated, timed, drawn) when the round-up stage keeps ``round_up_k``."""
+    return PRANCE_MODELS[bool(round_up_k)]
 
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -225,5 +229,5 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["DATASETS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "prance_model", "stage_settings",
-           "to_yaml"]
+__all__ = ["DATASETS", "PRANCE_MODELS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "prance_model",
+           "stage_settings", "to_yaml"]
