@@ -209,7 +209,8 @@ def selector_from_record(record: Any, model: MetaViT, path: str | os.PathLike[st
     if not isinstance(record, Mapping) or "config" not in record or "state" not in record:
         raise PranceError(f"{path} holds no selector; give a checkpoint written by `prance train-selector`")
     try:
-        selector = Selector(model.config, model.space, SelectorConfig(**dict(record["config"])))
+        # Files from before ``knob_mode`` calibrated a knob that shifts the discrete choices too.
+        selector = Selector(model.config, model.space, SelectorConfig(**{"knob_mode": "shift", **record["config"]}))
         selector.load_state_dict(dict(record["state"]))
     except (TypeError, RuntimeError, KeyError) as e:
         raise PranceError(f"{path}: its selector does not fit its meta-network ({str(e).splitlines()[0][:120]}); "

@@ -125,20 +125,26 @@ class ActorCritic(nn.Module):
         return action, log_prob, entropy, self.value(features)
 
     @torch.no_grad()
-    def act_deterministic(self, features: torch.Tensor) -> torch.Tensor:
+    def act_deterministic(self, features: torch.Tensor, tilt: torch.Tensor | None = None) -> torch.Tensor:
         """The most likely action ``[B, A]``: each categorical's mode and each Beta's mode.
 
         The same arithmetic as :meth:`distributions` (a categorical's probabilities are the
         softmax of its logsumexp-normalised logits), without building distribution objects:
         at inference their construction and argument checks cost more than the actor itself.
-        Parts with equally many choices are reduced together.
+        Parts with equally many choices are reduced together. ``tilt`` ``[B, 1]`` adds
+        ``tilt · (i + 0.5) / n`` to choice ``i``'s log-probability first: a larger tilt never
+        picks a smaller choice.
         """
         out = self.actor(features)
         action = features.new_empty(features.shape[0], self.action_dim)
         for parts, columns, n in self._categorical_layout(out.device):
             logits = out.index_select(1, columns).view(-1, len(parts), n)
-            probs = (logits - logits.logsumexp(-1, keepdim=True)).softmax(-1)
-            action[:, parts] = probs.argmax(-1).to(features.dtype)
+            if tilt is None:
+                scores = (logits - logits.logsumexp(-1, keepdim=True)).softmax(-1)
+            else:
+                centres = (torch.arange(n, device=out.device, dtype=out.dtype) + 0.5) / n
+                scores = logits.log_softmax(-1) + tilt.view(-1, 1, 1) * centres
+            action[:, parts] = scores.argmax(-1).to(features.dtype)
         if self.continuous:
             conc = self._concentrations(out)
             a, b = conc[:, 0], conc[:, 1]

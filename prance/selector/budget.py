@@ -154,9 +154,9 @@ def calibrate(mean_ratio_at: Callable[[float], float], budget: float, lo: float 
               tolerance: float = 0.005, max_iter: int = 30, grid: int = 9) -> Calibration:
     """The knob value in ``[lo, hi]`` whose mean MACs ratio is closest to ``budget``.
 
-    ``mean_ratio_at(knob)`` should grow with the knob (a shift of every raw action towards the
-    large end), but a trained selector need not make it monotone: its later decisions react to
-    the earlier, shifted ones. So a coarse scan of ``grid`` knob values comes first, then
+    ``mean_ratio_at(knob)`` should grow with the knob (it moves every decision towards the large
+    end), but a trained selector need not make it monotone: its later decisions react to the
+    earlier, moved ones. So a coarse scan of ``grid`` knob values comes first, then
     bisection inside the first interval whose ends straddle the budget. The closest point seen
     anywhere is returned; the search stops once within ``tolerance`` (absolute, as a fraction of
     dense MACs) or after ``max_iter`` evaluations. An unreachable budget gets the nearest point.

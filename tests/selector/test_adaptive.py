@@ -170,3 +170,17 @@ def test_a_fixed_budget_file_written_before_budget_ranges_still_loads(tmp_path):
     loaded = AdaptiveViT.load(tmp_path / "old.pt")
     assert loaded.budget_range == (0.5, 0.5) and loaded.selector.knob_curve is None
     assert torch.equal(loaded(x), before)
+
+
+def test_a_file_from_before_knob_mode_keeps_the_shift_it_was_calibrated_with(tmp_path):
+    net, x = _adaptive(knob_mode="shift")
+    net.selector.knob.fill_(0.15)
+    before = net(x)
+    ckpt = net.checkpoint()
+    del ckpt["selector"]["config"]["knob_mode"]  # what files written before the tilt hold
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = AdaptiveViT.load(tmp_path / "old.pt")
+    assert loaded.selector.cfg.knob_mode == "shift"
+    assert torch.equal(loaded(x), before)
+    assert AdaptiveViT.load(net.save(tmp_path / "new.pt")).selector.cfg.knob_mode == "shift"
+    assert _adaptive()[0].selector.cfg.knob_mode == "tilt"  # the default of new selectors

@@ -62,6 +62,50 @@ def test_the_knob_never_buys_less_compute_when_raised():
     assert means[-1] == float(macs_per_sample(model.config, model.full_plan))  # +1 shifts every part to its top
 
 
+def _width_choices_over_knobs(knob_mode: str, knobs: torch.Tensor) -> torch.Tensor:
+    """``[K, B]`` stage-1 widths a selector with confident, image-dependent choices picks at each knob."""
+    from prance.model import MetaViT
+    from prance.policy import StageState
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = MetaViT(cfg, tiny_space(cfg)).eval()
+    selector = Selector(cfg, model.space, SelectorConfig(hidden=16, knob_mode=knob_mode)).eval()
+    with torch.no_grad():  # a trained-like policy: large, image-dependent logit margins
+        for p in selector.agent.actor.parameters():
+            p.mul_(30.0)
+    b = 256
+    state = StageState(1, torch.randn(b, cfg.embed_dim), torch.randn(b, cfg.num_patches + 1),
+                       torch.full((b,), cfg.num_patches + 1), torch.full((b,), cfg.embed_dim),
+                       torch.full((b,), float("nan"), dtype=torch.float64))
+    widths = []
+    for knob in knobs.tolist():
+        selector.knob.fill_(knob)
+        widths.append(selector(state).widths[:, 1])
+    return torch.stack(widths)
+
+
+def test_the_knob_tilts_discrete_choices_so_images_move_one_by_one():
+    """The tilt moves unsure images first: along a fine knob grid each image's width only grows,
+    and no step moves most images at once. Shifting raw actions (older files) moves every image
+    across its choice's bin edge at the same knob value: the test's control."""
+    knobs = torch.linspace(-0.5, 0.5, 257)
+    for mode in ("tilt", "shift"):
+        widths = _width_choices_over_knobs(mode, knobs)
+        assert bool((widths[1:] >= widths[:-1]).all()), mode  # never less compute for a larger knob
+        assert widths[0].float().mean() < widths[-1].float().mean(), mode
+        moved = (widths[1:] != widths[:-1]).float().mean(1)  # fraction of images moved by each step
+        if mode == "tilt":
+            assert float(moved.max()) < 0.2, float(moved.max())
+        else:
+            assert float(moved.max()) > 0.6, float(moved.max())
+
+
+def test_at_knob_zero_the_tilt_is_the_plain_mode():
+    knobs = torch.zeros(1)
+    assert torch.equal(_width_choices_over_knobs("tilt", knobs), _width_choices_over_knobs("shift", knobs))
+
+
 def test_selector_macs_match_the_flop_counter():
     model, selector, _ = _setup()
     feats = torch.randn(1, selector.norm.mean.shape[0])
