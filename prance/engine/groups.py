@@ -144,16 +144,20 @@ def group_widths(groups: list[_Group], new_widths: list[int], group_call_macs: f
 
 
 def regroup(groups: list[_Group], new_widths: list[int], stage_map: StageMap,
-            target_widths: Callable[[list[_Group], list[int]], dict[int, int]]) -> list[_Group]:
+            target_widths: Callable[[list[_Group], list[int]], dict[int, int]],
+            labels: list[int] | None = None) -> list[_Group]:
     """Regroup images by their new width, applying ``stage_map`` where it changes.
 
     The map runs once per old group, at the largest new width any of its images needs; a
     narrower image takes the first columns of that output (first-k slicing makes it exact).
     Images whose width has a small group join a wider one, zero-padded (``target_widths``:
-    :func:`group_widths` with the model's sizes). Each old group is permuted once so that every
-    new group's images are a contiguous slice of it.
+    :func:`group_widths` with the model's sizes). Images of different ``labels`` (per batch
+    image) never share a group. Each old group is permuted once so that every new group's
+    images are a contiguous slice of it.
     """
-    if len(groups) == 1 and not groups[0].mixed and new_widths.count(new_widths[0]) == len(new_widths):
+    n_labels = 1 if labels is None else max(labels) + 1
+    if (len(groups) == 1 and not groups[0].mixed and new_widths.count(new_widths[0]) == len(new_widths)
+            and n_labels == 1):
         # One group, one new width (always so at batch 1): the map, or nothing, on every row.
         g, w = groups[0], new_widths[0]
         return [_Group(g.images, g.counts, g.x if w == g.width else stage_map(g.x, w), g.size)]
@@ -172,7 +176,9 @@ def regroup(groups: list[_Group], new_widths: list[int], stage_map: StageMap,
         if bool((new_w != w_top).any()):  # zero every row beyond its own new width
             row_width = torch.repeat_interleave(new_w, g.counts)[:, None]
             x = x * (torch.arange(w_top, device=x.device) < row_width).to(x.dtype)
-        dest = torch.tensor([target[w] for w in new_w.tolist()], device=g.counts.device)
+        # destination: the group width, and the label when images of one width may part
+        dest = torch.tensor([target[w] * n_labels + (0 if labels is None else labels[j])
+                             for w, j in zip(new_w.tolist(), g.images_list())], device=g.counts.device)
         wanted = dest.unique().tolist()
         if len(wanted) == 1:
             pieces.setdefault(wanted[0], []).append((g.images, g.counts, x, g.size, new_w))
@@ -189,7 +195,8 @@ def regroup(groups: list[_Group], new_widths: list[int], stage_map: StageMap,
                                              widths[a : a + n_img]))
             a, r = a + n_img, r + n_row
     out = []
-    for w, parts in pieces.items():
+    for key, parts in pieces.items():
+        w = key // n_labels
         parts = [(i, c, x[:, :w] if x.shape[1] >= w else F.pad(x, (0, w - x.shape[1])), s, iw)
                  for i, c, x, s, iw in parts]
         images, counts, x, size, img_w = (parts[0] if len(parts) == 1 else

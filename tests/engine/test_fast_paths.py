@@ -107,3 +107,45 @@ def test_packed_reduction_equals_the_masked_ops_bit_for_bit(seed):
         got_x, got_size = reduce_packed(x, size, counts, importance, prune_k, merge_k)
         assert torch.equal(got_x, want.x[want.alive]) and torch.equal(got_size, want.size[want.alive]), trial
         assert len(got_x) == int((merge_k + 1).sum())
+
+
+@pytest.mark.parametrize("token_mode", ["prune", "merge", "prune_merge"])
+def test_a_few_distinct_decisions_run_as_plain_groups_exactly(token_mode, monkeypatch):
+    """Rounded-up plans (a few distinct decisions per stage, two of them at one width) run every
+    block group by group, with no attention grid, and give what the masked path and each image
+    alone give."""
+    import prance.engine.executor as executor
+
+    model = _model(token_mode)
+    cfg, b = model.config, 12
+    reps = Plan.random(cfg, model.space, 3, generator=torch.Generator().manual_seed(3), keep_range=(0.2, 1.0))
+    full, k = model.full_plan, cfg.stage_depth
+    fields = {n: getattr(reps, n).clone() for n in ("widths", "mlp_ratios", "heads", "keep", "merge_keep")}
+    for name, f in fields.items():  # stage 0 is never decided: every image runs it at full size
+        first = 1 if name in ("widths", "keep", "merge_keep") else k
+        f[:, :first] = getattr(full, name)[:, :first]
+    fields["widths"][1, 1:] = fields["widths"][0, 1:]  # two decisions at one width: still two groups
+    fields["mlp_ratios"][1, k:] = min(model.space.mlp_ratios)
+    fields["mlp_ratios"][0, k:] = max(model.space.mlp_ratios)
+    reps = Plan(**fields).validate(cfg, model.space)
+    plan = reps.select(torch.randperm(b, generator=torch.Generator().manual_seed(0)) % 3)
+    x = torch.randn(b, 3, 16, 16)
+    engine = DynamicExecutor(model, group_call_macs=float("inf"))  # the cost model would pad into one group
+
+    grid_calls = []
+    packed = executor.packed_attention
+    monkeypatch.setattr(executor, "packed_attention", lambda *a, **kw: (grid_calls.append(1), packed(*a, **kw))[1])
+    together = _Recorder(model, plan)
+    batch_logits, _ = engine.run(x, policy=together)
+    assert not grid_calls
+    with torch.inference_mode():
+        masked = model(x, plan, mode="masked")
+    assert (batch_logits - masked).abs().max() <= 1e-4
+    for i in range(b):
+        alone = _Recorder(model, plan.select([i]))
+        logits, _ = engine.run(x[i : i + 1], policy=alone)
+        assert (logits[0] - batch_logits[i]).abs().max() <= 1e-5
+        for s_all, s_one in zip(together.states, alone.states):
+            assert int(s_one.tokens[0]) == int(s_all.tokens[i]) and int(s_one.widths[0]) == int(s_all.widths[i])
+            assert (s_one.key_means[0] - s_all.key_means[i]).abs().max() <= 1e-5
+            assert (s_one.cls[0] - s_all.cls[i]).abs().max() <= 1e-5
