@@ -60,7 +60,13 @@ def test_a_lone_image_runs_as_it_runs_in_a_mixed_batch_and_on_the_masked_path(to
     with torch.inference_mode():
         masked = model(x, plan, mode="masked")
     assert (batch_logits - masked).abs().max() <= 1e-4
-    for i in range(b):
+    _each_image_alone_matches(engine, model, x, plan, batch_logits, masked, together)
+
+
+def _each_image_alone_matches(engine, model, x, plan, batch_logits, masked, together: _Recorder) -> None:
+    """Each image run alone executes its plan, gives the masked path's and the batch's logits,
+    and meets the states it met in the batch (key means zero past its tokens)."""
+    for i in range(len(x)):
         alone = _Recorder(model, plan.select([i]))
         logits, executed = engine.run(x[i : i + 1], policy=alone)
         assert executed.key(0) == plan.key(i)
@@ -141,11 +147,4 @@ def test_a_few_distinct_decisions_run_as_plain_groups_exactly(token_mode, monkey
     with torch.inference_mode():
         masked = model(x, plan, mode="masked")
     assert (batch_logits - masked).abs().max() <= 1e-4
-    for i in range(b):
-        alone = _Recorder(model, plan.select([i]))
-        logits, _ = engine.run(x[i : i + 1], policy=alone)
-        assert (logits[0] - batch_logits[i]).abs().max() <= 1e-5
-        for s_all, s_one in zip(together.states, alone.states):
-            assert int(s_one.tokens[0]) == int(s_all.tokens[i]) and int(s_one.widths[0]) == int(s_all.widths[i])
-            assert (s_one.key_means[0] - s_all.key_means[i]).abs().max() <= 1e-5
-            assert (s_one.cls[0] - s_all.cls[i]).abs().max() <= 1e-5
+    _each_image_alone_matches(engine, model, x, plan, batch_logits, masked, together)
