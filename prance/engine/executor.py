@@ -224,7 +224,7 @@ class DynamicExecutor(StepwiseExecutor):
             if uniform is not None:
                 # Each group's images run this block identically (always so at batch 1): plain sliced tensors.
                 done = [self._uniform_block(i, blk, g, *u, sized, keys) for g, u in zip(groups, uniform)]
-                groups = [g for g, _ in done]
+                groups, key_means = [g for g, _ in done], None
                 if keys:  # by batch image, zero past each image's tokens
                     key_means = done[0][1].new_zeros(b, max(m.shape[1] for _, m in done))
                     for g, m in done:
