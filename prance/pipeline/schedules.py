@@ -7,11 +7,10 @@ decisions rounded up to K = 4 per stage; bench at batch 1 and 64). ``demo`` show
 method on Fashion-MNIST in at most about half an hour on two idle CPU cores: every stage runs on
 the full data sets, only shorter.
 
-Timed at commit 8fbe77f (dense batch 128, a sweep of 6 subnets, no round-up; now 64, 12 and K = 4
-on 1000 held-out images, not re-timed: the sweep takes ~2.5 min more, the round-up ~1.2) on two
-idle cores (`make demo` from a clean clone): 23 min 11 s in all,
-set-up included — dense 8.8 min, meta 2.8, sweep 2.6, selector 1.9, fine-tune 1.8, static-plan
-fine-tune 0.8, evaluation 1.4, bench 0.6, report 0.1. Planned beforehand from the headline runs
+Timed at commit e6a7fb1 on two idle cores (`make demo` from a clean clone): 19 min 51 s in all,
+set-up included — dense 7.4 min, meta 2.3, sweep of 12 subnets 3.7, selector 1.0, fine-tune 1.0,
+static-plan fine-tune 0.5, round-up to K = 4 on 1000 held-out images 1.2, evaluation 1.0, bench
+0.4, report 0.1. Planned beforehand from the headline runs
 (fmnist-tiny on the 2-core development machine: dense training ~200 img/s, the meta-network's
 sandwich ~35 img/s, a selector update of 128 images ~1.8 s, the adaptive model ~400 img/s at
 inference) and from a demo run on a
