@@ -96,6 +96,9 @@ class Selector(nn.Module):
         choices = [len(d.choices) if d.categorical else 0 for d in self.actions.dims]
         self.agent = ActorCritic(size, choices, self.cfg.hidden, self.cfg.layers)
         self.register_buffer("knob", torch.zeros((), dtype=torch.float64))
+        # [A] 1 for the parts the knob shifts (every part with "shift", the keep ratios with "tilt")
+        self._shifted = torch.tensor([1.0 if self.cfg.knob_mode == "shift" or not n else 0.0 for n in choices],
+                                     dtype=torch.float64)
         self.knob_curve: KnobCurve | None = None  # set by range calibration; stored in the calibration record
 
     # ------------------------------------------------------------------ features
@@ -130,9 +133,7 @@ class Selector(nn.Module):
     def decode(self, action: torch.Tensor, state: StageState) -> Plan:
         """The plan whose stage entries are the agent's ``action`` ``[B, A]``, shifted by each image's
         knob: the keep ratios, and with ``knob_mode="shift"`` the discrete choices too."""
-        shift = self.knob_for(state.budget)
-        if self.cfg.knob_mode == "tilt":
-            shift = shift * torch.tensor([0.0 if n else 1.0 for n in self.agent.choices], dtype=torch.float64)
+        shift = self.knob_for(state.budget) * self._shifted
         unit = (self.agent.to_unit(action).double().cpu() + shift).clamp(0.0, 1.0)
         return self.actions.decode(unit, state.stage)
 
