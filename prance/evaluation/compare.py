@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from prance.errors import PranceError
-from prance.evaluation.report import RunFiles, collect, source_commit
+from prance.evaluation.report import RunFiles, collect
+from prance.source import short, source_commit
 
 #: What each row of the comparison keeps of a report row.
 ROW_KEYS = ("key", "method", "status", "top1", "images", "gmacs", "macs_ratio", "params_m", "token_fraction_last")
@@ -44,11 +45,22 @@ def compare_runs(runs: Sequence[str | Path], evaluations: Sequence[str | Path] =
                        if b in reference}
             rows.append({"run": str(folder), "label": label, "mode": cfg.get("mode"), "budget": cfg.get("budget"),
                          **{k: r[k] for k in ROW_KEYS}, "speedup": speedup})
-        verdicts.append({"run": str(folder), "label": label, "text": results["verdict"]["text"]})
+        verdicts.append({"run": str(folder), "label": label, "text": results["verdict"]["text"],
+                         "commits": stage_commits(results.get("stages") or {})})
     rows += [evaluation_row(Path(e)) for e in evaluations]
     return {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": source_commit(), "split": "test", "runs": [str(f) for f in folders], "rows": rows,
             "verdicts": verdicts}
+
+
+def stage_commits(stages: dict[str, Any]) -> list[str]:
+    """The prance sources a run's stages ran at (stages.json), in order of first use; [] if not recorded."""
+    out: list[str] = []
+    for entry in stages.values():
+        for c in (entry.get("commits") or []) if isinstance(entry, dict) else []:
+            if c and c not in out:
+                out.append(c)
+    return out
 
 
 def evaluation_row(path: Path) -> dict[str, Any]:
@@ -91,12 +103,12 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown(comparison: dict[str, Any]) -> str:
-    """The comparison as a Markdown document: one table, then each run's verdict."""
+    """The comparison as a Markdown document: one table, then each run's verdict and prance source."""
     sizes = sorted({b for r in comparison["rows"] for b in r["speedup"]}, key=int)
     head = ["run", "mode", "budget", "method", "top-1 (%)", "MACs / dense", "params (M)", "tokens after last stage"]
     head += [f"speed-up @ batch {b}" for b in sizes]
     lines = ["# PRANCE runs compared", "",
-             f"Written {comparison['generated']}" + (f" at commit `{comparison['commit'][:12]}`"
+             f"Written {comparison['generated']}" + (f" by prance at commit `{short(comparison['commit'])}`"
                                                     if comparison["commit"] else "") +
              ". Every number is on the test split and comes from its run's own files (its report's headline "
              "rows); speed-ups are over the dense model in the same run's bench.", "",
@@ -108,6 +120,10 @@ def markdown(comparison: dict[str, Any]) -> str:
         cells += [_fmt(r["speedup"].get(b), ".2f") + ("×" if b in r["speedup"] else "") for b in sizes]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""] + [f"- `{v['label']}`: {v['text']}" for v in comparison["verdicts"]]
+    lines += ["", "## Sources", "", "The prance source each run's stages ran at (its stages.json):", ""]
+    lines += [f"- `{v['label']}`: " + (", ".join(f"`{short(c)}`" for c in v.get("commits") or [])
+                                      or "not recorded (a run written before stages recorded it)")
+              for v in comparison["verdicts"]]
     return "\n".join(lines) + "\n"
 
 

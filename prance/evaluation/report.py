@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from prance.errors import PranceError
 from prance.files import load_yaml
+from prance.source import source_commit
 
 NOT_RUN = "not run yet"
 #: What a run folder holds (README: the run folder); a folder with none of them is not a run.
@@ -358,17 +358,6 @@ def _difference_se(top1_a: float, n_a: int | None, top1_b: float, n_b: int | Non
         return None
     pa, pb = top1_a / 100, top1_b / 100
     return 100 * math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
-
-
-# ----------------------------------------------------------------------------- provenance
-def source_commit() -> str | None:
-    """The git commit of the prance source that wrote the report (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def collect(files: RunFiles) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 from prance.errors import PranceError
 from prance.evaluation import report_figures as figs
 from prance.evaluation.report import NOT_RUN, RunFiles
+from prance.source import short
 
 #: Training stages whose log.jsonl the report draws, with what each trains.
 TRAINING_STAGES = (("dense", "dense ViT (train-dense)"), ("meta", "meta-network (train-meta)"),
@@ -171,7 +172,7 @@ def markdown(results: dict[str, Any]) -> str:
     commit = results.get("commit")
     lines = [f"# PRANCE run report: {Path(results['run']).name}", "",
              f"Run folder `{results['run']}`; report written {results['generated']} by prance"
-             + (f" at commit `{commit[:12]}`" if commit else " (commit unknown: not a git checkout)") + "."
+             + (f" at commit `{short(commit)}`" if commit else " (commit unknown: not a git checkout)") + "."
              + (f" Data {cfg.get('data')}, token mode {cfg.get('mode')}, budget {cfg.get('budget')} (config.yaml)."
                 if cfg else ""),
              "All accuracy is on the test split; every choice (best epoch, static subnet, calibration) was made on "
@@ -249,11 +250,12 @@ def _speed(bench: dict[str, Any] | None) -> list[str]:
 def _stages(stages: dict[str, Any]) -> list[str]:
     if not stages:
         return ["## Stages", "", "*No stages.json (a run folder assembled by hand, or written before it).*", ""]
-    lines = ["## Stages", "", "| stage | status | wall time (s) | finished |", "|---|---|---|---|"]
+    lines = ["## Stages", "", "| stage | status | wall time (s) | finished | prance source |", "|---|---|---|---|---|"]
     from prance.pipeline.config import STAGES
 
     for name in sorted(stages, key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES)):
         s = stages[name] if isinstance(stages[name], dict) else {}
         status = s.get("status", "—") + (f" in {s['reused_from']} (reused)" if s.get("reused_from") else "")
-        lines.append(f"| {name} | {status} | {_fmt(s.get('seconds'), '.0f')} | {s.get('finished', '—')} |")
+        source = ", ".join(f"`{short(c)}`" for c in s.get("commits") or []) or "—"
+        lines.append(f"| {name} | {status} | {_fmt(s.get('seconds'), '.0f')} | {s.get('finished', '—')} | {source} |")
     return lines + [""]

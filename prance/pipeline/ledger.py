@@ -1,7 +1,7 @@
 """RUN/stages.json: which stages of a run are done, with the settings they ran with.
 
 Per stage: ``{"settings": {...}, "status": "running" | "done", "seconds": wall time so far,
-"finished": ISO time}``. A stage is marked running before it starts and done once its files
+"finished": ISO time, "commits": [the prance source of each attempt]}``. A stage is marked running before it starts and done once its files
 are written, so after any interruption the ledger says which stage to continue. Its settings
 are what :func:`check_unchanged` compares with the settings of a new invocation: a finished or
 started stage whose results depend on a changed value is refused, naming the stage and the
@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 from prance.errors import PranceError
 from prance.files import atomic_write
 from prance.pipeline.config import STAGES, compared
+from prance.source import source_commit
 
 LEDGER = "stages.json"
 
@@ -64,8 +65,12 @@ class Ledger:
 
     def start(self, stage: str, settings: Mapping[str, Any]) -> None:
         entry = self.stages.get(stage, {})
+        commits = [c for c in entry.get("commits", []) if c]  # an interrupted stage may resume on newer code
+        here = source_commit()
+        if here and here not in commits:
+            commits.append(here)
         self.stages[stage] = {"settings": dict(settings), "status": "running", "seconds": entry.get("seconds", 0.0),
-                              "finished": None}
+                              "finished": None, "commits": commits}
         self._save()
 
     def finish(self, stage: str, seconds: float) -> None:

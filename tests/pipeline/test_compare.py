@@ -9,6 +9,7 @@ import pytest
 
 from prance.cli import main
 from prance.evaluation.compare import compare_runs
+from prance.source import short, source_commit
 from tests.conftest import cli_error
 
 
@@ -46,6 +47,9 @@ def test_the_table_holds_each_runs_own_numbers_and_speed_ups_over_its_own_dense(
                for label in labels) == len(comparison["rows"])
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "comparison.json").read_text())["rows"] == comparison["rows"]
+    # Each run names the source its stages ran at; the table's own commit is only the one that drew it.
+    for label in labels:
+        assert f"- `{label}`: `{short(source_commit())}`" in text.split("## Sources")[1]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from prance.cli import main
 from prance.data.splits import final_test_set
 from prance.pipeline.config import STAGES, stage_settings
 from prance.pipeline.resolve import resolve_config
+from prance.source import source_commit
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 from tests.conftest import cli_error
 from tests.pipeline.conftest import LIMIT, copy_run, run_argv, tiny_config
@@ -45,6 +46,7 @@ def test_every_stage_writes_its_files_and_the_results_come_from_the_test_split(f
             assert (finished_run / name).is_file(), f"{stage}: {name} missing"
     record = json.loads((finished_run / "stages.json").read_text())
     assert list(record) == list(STAGES) and all(r["status"] == "done" for r in record.values())
+    assert all(r["commits"] == [c for c in [source_commit()] if c] for r in record.values())  # the source each stage ran at
 
     # Every training stage learned from the holdout of the dense run and no stage read the test split for choices.
     holdout = load_checkpoint(finished_run / "dense" / "best.pt")["split"]["holdout"]
