@@ -92,6 +92,18 @@ def removed_if_left_empty(folders: Iterable[str | os.PathLike[str]]) -> Iterator
                 pass
         raise
 
+
+def recorded_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` as a file records it for later commands: absolute (a ``timm:`` prefix kept), so that
+    the pipeline a checkpoint names (its meta-network, teacher, adaptive model) is found again from
+    any working folder; None stays None."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    prefix = "timm:" if text.startswith("timm:") else ""
+    return prefix + os.path.abspath(text.removeprefix(prefix))
+
+
 def load_yaml(path: str | os.PathLike[str], what: str) -> Any:
     """The YAML document in the existing file ``path``, or one error line naming ``what`` it holds."""
     import yaml

@@ -33,6 +33,7 @@ from prance.config import ViTConfig
 from prance.data.splits import DEFAULT_HOLDOUT_FRACTION, DEFAULT_HOLDOUT_SEED, Holdout, training_splits
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate
+from prance.files import recorded_path
 from prance.model.metavit import MetaViT
 from prance.model.presets import preset_config
 from prance.model.timm_interop import from_timm
@@ -187,6 +188,7 @@ def train_dense(
     process trains its shard (DDP). ``progress``: tqdm bars (None: only on a terminal).
     ``verbose``: one summary line per epoch.
     """
+    cfg = replace(cfg, init=recorded_path(cfg.init))  # a checkpoint names its start absolutely
     ctx = init_distributed(device)
     try:
         folder = RunFolder(out_dir, KIND, ctx)

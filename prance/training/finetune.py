@@ -53,6 +53,7 @@ from prance.engine.masked import MaskedExecutor
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate, plans_from_spec, write_json
 from prance.evaluation.sweep import candidate_subnets, evaluate_subnets, pick_for_budget, write_plan_yaml
+from prance.files import recorded_path
 from prance.model.metavit import MetaViT
 from prance.model.timm_interop import from_timm
 from prance.plan import Plan
@@ -478,7 +479,7 @@ def _finetune(adaptive_path: Path, cfg: FinetuneConfig, out_dir: str | os.PathLi
     if teacher_ckpt is not None:
         check_same_classes(trained_on(teacher_ckpt), splits.train.info, teacher_source, root)
     split = splits.record(data)
-    args: dict[str, Any] = {"adaptive": str(adaptive_path), "teacher": teacher_source, "data": data,
+    args: dict[str, Any] = {"adaptive": recorded_path(adaptive_path), "teacher": recorded_path(teacher_source), "data": data,
                             "data_dir": root, "budget": adaptive.budget, "train": cfg.to_dict()}
     if saved is not None:
         check_same_settings(_flat(args), _flat(saved["args"]), RESUMABLE_CHANGES, folder.path)

@@ -42,6 +42,7 @@ from prance.config import SearchSpace, ViTConfig
 from prance.data.splits import training_splits
 from prance.errors import PranceError
 from prance.evaluation.evaluate import evaluate
+from prance.files import recorded_path
 from prance.model.metavit import MetaViT
 from prance.model.presets import create_model
 from prance.model.timm_interop import from_timm
@@ -397,6 +398,8 @@ def run_train_meta(
     ctx = init_distributed(device)
     try:
         RunFolder(out_dir, KIND, ctx).check(resume, overwrite)  # before a long set-up
+        run = replace(run, init=recorded_path(run.init),
+                      teacher=run.teacher if run.teacher in (None, "init") else recorded_path(run.teacher))
         model = build_meta_model(run, cfg.seed)
         teacher_source = run.init if run.teacher == "init" else run.teacher
         if run.teacher == "init" and run.init is None:

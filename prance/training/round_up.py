@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from prance.adaptive import KIND, SELECTOR_KINDS, AdaptiveViT
 from prance.data.provenance import checkpoint_dataset
 from prance.errors import PranceError
+from prance.files import recorded_path
 from prance.selector.budget import calibrate
 from prance.training.checkpoint import load_checkpoint
 
@@ -91,7 +92,7 @@ def round_up_file(checkpoint: str | os.PathLike[str], k: int, out: str | os.Path
     record = calibrate_with_round_up(adaptive, holdout, k, batch_size=batch_size)
     adaptive.save(Path(out), metrics={"holdout_top1": record["holdout_top1"],
                                       "holdout_macs_ratio": record["holdout_macs_ratio"]},
-                  args={"adaptive": str(checkpoint), "round_up": k, "holdout_limit": holdout_limit, "seed": seed})
+                  args={"adaptive": recorded_path(checkpoint), "round_up": k, "holdout_limit": holdout_limit, "seed": seed})
     return record
 
 

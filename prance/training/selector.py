@@ -50,7 +50,7 @@ from prance.adaptive import AdaptiveViT, selector_from_record, selector_record
 from prance.data.splits import training_splits
 from prance.engine import DynamicExecutor
 from prance.errors import PranceError
-from prance.files import atomic_write
+from prance.files import atomic_write, recorded_path
 from prance.model.metavit import MetaViT
 from prance.selector.budget import (Calibration, DualAscent, budget_knots, calibrate, calibrate_range, check_budget,
                                     check_budget_range)
@@ -216,7 +216,7 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     engine = DynamicExecutor(model)
     dense_macs = float(macs_per_sample(model.config, model.full_plan)[0])
     selector_macs = selector.macs_per_image()
-    args = {"meta": str(meta_path), "train": cfg.to_dict()}
+    args = {"meta": recorded_path(meta_path), "train": cfg.to_dict()}
 
     folder.create(fresh=resume_from is None, split=split)
     if ctx.is_main:

@@ -295,13 +295,17 @@ def _selector_run(pipeline: dict[str, Path], tmp_path: Path, adaptive_records_ar
 
 
 def test_the_teacher_defaults_to_the_dense_model_its_pipeline_records(pipeline: dict[str, Path], tmp_path: Path,
-                                                                      fmnist_dir: str) -> None:
+                                                                      fmnist_dir: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """train-selector's adaptive.pt records no teacher; its run's last.pt names the meta-network, whose run
     names the dense model it learned from."""
     run, _, _ = _selector_run(pipeline, tmp_path, adaptive_records_args=False)
-    run_finetune(run / "adaptive.pt", _cfg(max_steps=1, epochs=1), tmp_path / "out", verbose=False)
+    monkeypatch.chdir(tmp_path)  # paths given relative to the working folder are recorded absolutely
+    run_finetune(Path("selector-run/adaptive.pt"), _cfg(max_steps=1, epochs=1), "out", verbose=False)
     start = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
     assert start["teacher"] == str(pipeline["dense"])
+    args = load_checkpoint(tmp_path / "out" / "last.pt")["args"]
+    assert args["adaptive"] == str(run / "adaptive.pt") and args["teacher"] == str(pipeline["dense"])
     # Without that record the teacher must be given.
     (run / "last.pt").unlink()
     with pytest.raises(PranceError, match="records no dense teacher; give one with --teacher"):

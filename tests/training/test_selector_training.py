@@ -46,11 +46,13 @@ def test_selector_training_logs_every_update_and_calibrates_onto_the_budget(tmp_
     splits_read = set()
     real = FashionMNIST._batch
     monkeypatch.setattr(FashionMNIST, "_batch", lambda self, p: (splits_read.add(self.info.split), real(self, p))[1])
-    assert main(["train-selector", "--meta", str(_meta(tmp_path)), "--budget", "0.6", "--updates", "4",
+    meta = _meta(tmp_path)
+    monkeypatch.chdir(tmp_path)  # given relative to the working folder, recorded absolutely (found from anywhere)
+    assert main(["train-selector", "--meta", meta.name, "--budget", "0.6", "--updates", "4",
                  "--batch-size", "16", "--hidden", "16", "--limit", "128", "--holdout-limit", "64",
-                 "--checkpoint-every", "2", "--data-dir", fmnist_dir, "--threads", "1", "--out",
-                 str(tmp_path / "sel")]) == 0
+                 "--checkpoint-every", "2", "--data-dir", fmnist_dir, "--threads", "1", "--out", "sel"]) == 0
     assert splits_read == {"train"}  # never the test split
+    assert load_checkpoint(tmp_path / "sel" / "adaptive.pt")["args"]["meta"] == str(meta)
 
     log = [json.loads(line) for line in (tmp_path / "sel" / "log.jsonl").read_text().splitlines()]
     updates = [r for r in log if r["event"] == "update"]
