@@ -10,7 +10,8 @@ the full data sets, only shorter.
 Timed at commit e6a7fb1 on two idle cores (`make demo` from a clean clone): 19 min 51 s in all,
 set-up included — dense 7.4 min, meta 2.3, sweep of 12 subnets 3.7, selector 1.0, fine-tune 1.0,
 static-plan fine-tune 0.5, round-up to K = 4 on 1000 held-out images 1.2, evaluation 1.0, bench
-0.4, report 0.1. Planned beforehand from the headline runs
+0.4, report 0.1. On a 2 GHz Zen-1 EPYC (about 4× slower: dense training ~55 img/s) the same
+demo took about 72 min at commit 98cddd0 (dense 26 min, sweep 12). Planned beforehand from the headline runs
 (fmnist-tiny on the 2-core development machine: dense training ~200 img/s, the meta-network's
 sandwich ~35 img/s, a selector update of 128 images ~1.8 s, the adaptive model ~400 img/s at
 inference) and from a demo run on a
