@@ -3,9 +3,9 @@
 Per stage: ``{"settings": {...}, "status": "running" | "done", "seconds": wall time so far,
 "finished": ISO time, "commits": [the prance source of each attempt]}``. A stage is marked running
 before it starts and done once its files are written, so after any interruption the ledger says which
-stage to continue. Its settings are what :func:`check_unchanged` compares with the settings of a new invocation: a finished or
-started stage whose results depend on a changed value is refused, naming the stage and the
-setting, instead of being mixed with results of other settings.
+stage to continue. Its settings are what :func:`check_unchanged` compares with the settings of a
+new invocation: a finished or started stage whose results depend on a changed value is refused,
+naming the stage and the setting, instead of being mixed with results of other settings.
 """
 
 from __future__ import annotations
