@@ -27,6 +27,8 @@ LEVERS_DIR ?= runs/levers
 LEVERS := round-up-off:round_up.k=0 round-up-8:round_up.k=8 encoder-cls:selector.encoder=cls \
 	mlp-per-stage:selector.mlp_per_stage=true keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
 RUN_FLAGS ?=
+# pytest-xdist workers for `make test` (each runs one torch thread); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup data test demo reproduce headline levers
 
@@ -52,7 +54,7 @@ data:
 	@scripts/ensure-fashion-mnist.sh
 
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 demo: setup data
 	@echo "== demo: prance run --schedule demo into $(DEMO_DIR); progress: one line per stage, report in $(DEMO_DIR)/report.md"

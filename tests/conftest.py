@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
-
-from pathlib import Path
 
 from prance.config import SearchSpace, ViTConfig
 
 #: Overrides of the fmnist-tiny preset (28 px, 1 channel, 10 classes) that train in seconds.
 TINY = dict(embed_dim=32, depth=3, num_heads=2, stage_depth=1)
 REPO = Path(__file__).resolve().parents[1]
+
+
+#: Test files that share session fixtures too costly to build twice (a finished tiny ``prance run``): under
+#: pytest-xdist (``make test`` runs two workers) they run on one worker.
+SHARED_RUN = ("tests/pipeline/",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker shares the cores with the other workers: one torch thread each (and in the
+    processes it starts), or they would oversubscribe the machine and slow each other down."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """One unit of work per test file (its module fixtures are built once), one for the files in
+    ``SHARED_RUN`` (pytest-xdist's own ``--dist loadgroup`` does not group under pytest 9.2)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return next((prefix for prefix in SHARED_RUN if path.startswith(prefix)), path)
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +103,4 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
