@@ -25,6 +25,8 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default 64)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default 1)")
+    t.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
+                   help="train without random crops and flips (faster to learn in a run of about one epoch)")
     t.add_argument("--limit", type=int, default=None, help="train on a random subset of this many images")
     t.add_argument("--val-limit", type=int, default=None, help="validate on a random subset of this many held-out "
                    "images")
@@ -48,7 +50,7 @@ _TRAIN_FLAGS = {  # argparse dest -> DenseTrainConfig field
     "preset": "preset", "data": "data", "data_dir": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
     "lr": "lr", "warmup_epochs": "warmup_epochs", "limit": "limit", "val_limit": "val_limit", "seed": "seed",
     "init": "init", "img_size": "img_size", "workers": "num_workers", "holdout": "holdout",
-    "holdout_seed": "holdout_seed", "checkpoint_every": "checkpoint_every",
+    "holdout_seed": "holdout_seed", "checkpoint_every": "checkpoint_every", "augment": "augment",
 }
 
 

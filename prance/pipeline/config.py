@@ -13,7 +13,7 @@ setting invalidates. Where things run (``device``, ``threads``), where the data 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 DATASETS = ("fashion-mnist", "folder")
 STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "round_up", "evaluate", "bench",
@@ -21,6 +21,9 @@ STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "
 
 #: Settings that cannot change results: they may differ when a run is continued.
 UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
+# Settings added after runs were recorded without them, with the value those runs had in effect: a stage
+# recorded before ``dense.augment`` existed trained with augmentation, and resumes as such.
+ADDED_SETTINGS: dict[str, Any] = {"dense.augment": True}
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -35,6 +38,7 @@ class DenseStage:
     batch_size: int = 64  # per image as fast as 128 on 2 cores, twice the steps (see DenseTrainConfig)
     lr: float = 1e-3
     warmup_epochs: float = 2.0
+    augment: bool = True  # random crops and flips of the training images (see DenseTrainConfig)
     holdout: float = 0.1  # fraction of the training split every stage holds out for its choices
     holdout_seed: int = 0
     limit: int | None = None  # train on a random subset of this many images
@@ -222,6 +226,11 @@ def compared(name: str) -> bool:
     return name.rsplit(".", 1)[-1] not in UNCOMPARED
 
 
+def recorded_setting(settings: Mapping[str, Any], name: str) -> Any:
+    """The value of ``name`` in a stage's recorded ``settings``, also for records older than the setting."""
+    return settings.get(name, ADDED_SETTINGS.get(name))
+
+
 def to_yaml(cfg: RunConfig) -> str:
     """``cfg`` as the text of RUN/config.yaml (stages in pipeline order)."""
     import yaml
@@ -229,5 +238,5 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["DATASETS", "PRANCE_MODELS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared", "prance_model",
-           "stage_settings", "to_yaml"]
+__all__ = ["ADDED_SETTINGS", "DATASETS", "PRANCE_MODELS", "RUN_FIELDS", "RunConfig", "STAGES", "UNCOMPARED", "compared",
+           "prance_model", "recorded_setting", "stage_settings", "to_yaml"]

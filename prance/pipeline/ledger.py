@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from prance.errors import PranceError
 from prance.files import atomic_write
-from prance.pipeline.config import STAGES, compared
+from prance.pipeline.config import STAGES, compared, recorded_setting
 from prance.source import source_commit
 
 LEDGER = "stages.json"
@@ -94,7 +94,7 @@ class Ledger:
         """The first setting that ``stage`` was recorded with and ``settings`` change (None: none does)."""
         before = self.stages.get(stage, {}).get("settings", {})
         return next((name for name in sorted(set(before) | set(settings))
-                     if compared(name) and before.get(name) != settings.get(name)), None)
+                     if compared(name) and recorded_setting(before, name) != recorded_setting(settings, name)), None)
 
     def check_unchanged(self, settings: Mapping[str, Mapping[str, Any]], config_file: Path,
                         stages: Sequence[str] = STAGES) -> None:
@@ -102,7 +102,7 @@ class Ledger:
         for stage in stages:
             name = self.changed(stage, settings[stage]) if stage in self.stages else None
             if name is not None:
-                before = self.stages[stage].get("settings", {}).get(name)
+                before = recorded_setting(self.stages[stage].get("settings", {}), name)
                 raise PranceError(
                     f"{self.run} ran stage {stage} with {name}={_show(before)}, now "
                     f"{name}={_show(settings[stage].get(name))}: its results and every later stage's depend on it; "

@@ -81,7 +81,7 @@ def training_configs(cfg: RunConfig) -> dict[str, Any]:
                              model_overrides=dict(d.model_overrides), data=cfg.data, data_dir=cfg.data_dir,
                              limit=d.limit, val_limit=d.val_limit, holdout=d.holdout, holdout_seed=d.holdout_seed,
                              epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, warmup_epochs=d.warmup_epochs,
-                             seed=cfg.seed, checkpoint_every=d.checkpoint_every)
+                             augment=d.augment, seed=cfg.seed, checkpoint_every=d.checkpoint_every)
     meta = MetaTrainConfig(epochs=m.epochs, max_steps=m.max_steps, batch_size=m.batch_size, lr=m.lr,
                            warmup_steps=m.warmup_steps, num_random=m.num_random, seed=cfg.seed,
                            checkpoint_every=m.checkpoint_every)

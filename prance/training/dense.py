@@ -86,6 +86,9 @@ class DenseTrainConfig:
     weight_decay: float = 0.05  # AdamW decay on weight matrices; none on norms, biases, pos_embed, cls_token
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW moments
     label_smoothing: float = 0.1  # cross-entropy target smoothing
+    # Random crop + flip of the training images (padded crop up to 64 px, RandomResizedCrop above). It is what
+    # reaches 90 % on Fashion-MNIST in the long schedule; a run of about one epoch learns faster without it.
+    augment: bool = True
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     # --- reproducibility and logging
     seed: int = 0  # model init, shuffling and augmentation
@@ -219,7 +222,7 @@ def build_dense_task(
     else:
         config = pretrained.config if pretrained is not None else _model_config(cfg)
     splits = training_splits(cfg.data, img_size=config.img_size, in_chans=config.in_chans,
-                             holdout=Holdout(cfg.holdout, cfg.holdout_seed), train_augment=True, root=cfg.data_dir,
+                             holdout=Holdout(cfg.holdout, cfg.holdout_seed), train_augment=cfg.augment, root=cfg.data_dir,
                              limit=cfg.limit, holdout_limit=cfg.val_limit, seed=cfg.seed)
     num_classes = splits.train.info.num_classes
     torch.manual_seed(cfg.seed)
