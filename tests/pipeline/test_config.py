@@ -99,6 +99,20 @@ def test_settings_that_cannot_change_results_are_not_compared() -> None:
     assert not compared("dense.checkpoint_every") and compared("dense.epochs") and compared("budget")
 
 
+def test_a_stage_recorded_before_a_setting_existed_runs_with_the_value_it_had_then(tmp_path: Path) -> None:
+    """Runs recorded before ``dense.augment`` existed trained with augmentation: resuming them is no change."""
+    from prance.pipeline.ledger import Ledger
+
+    ledger = Ledger.read(tmp_path)
+    old = {k: v for k, v in stage_settings(_from_flags(), "dense").items() if k != "dense.augment"}
+    ledger.start("dense", old)
+    assert ledger.changed("dense", stage_settings(_from_flags(), "dense")) is None
+    assert ledger.changed("dense", stage_settings(_from_flags("--set", "dense.augment=false"), "dense")) == "dense.augment"
+    with pytest.raises(PranceError, match="dense.augment=true, now dense.augment=false"):
+        ledger.check_unchanged({"dense": stage_settings(_from_flags("--set", "dense.augment=false"), "dense")},
+                               tmp_path / "config.yaml", stages=("dense",))
+
+
 def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path: Path) -> None:
     for split in ("train", "val"):
         for name, size, mode in (("a", (24, 20), "L"), ("b", (24, 20), "L")):

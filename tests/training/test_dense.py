@@ -151,6 +151,24 @@ def test_resume_refuses_changed_settings_and_missing_runs(fmnist_dir: str, tmp_p
         train_dense(_cfg(fmnist_dir), run, resume=True, overwrite=True, verbose=False)
 
 
+def test_without_augmentation_the_loop_reads_the_plain_images_and_resume_keeps_the_choice(
+        fmnist_dir: str, tmp_path: Path):
+    from prance.data import build_dataset
+    from prance.training.run import DistContext
+
+    plain = build_dataset("fashion-mnist", "train", img_size=28, in_chans=1, train_augment=False, root=fmnist_dir)
+    for augment in (False, True):
+        train_set = dense.build_dense_task(_cfg(fmnist_dir, augment=augment), None, DistContext())[1]
+        reads = [torch.stack([train_set[i][0] for i in range(16)]) for _ in range(2)]
+        stored = torch.stack([plain[int(i)][0] for i in train_set.indices[:16]])
+        # Crops and flips are drawn per read: two reads of 16 augmented images cannot all agree.
+        assert torch.equal(reads[0], stored) == torch.equal(reads[1], stored) == (not augment)
+    run = tmp_path / "run"
+    train_dense(_cfg(fmnist_dir, epochs=1), run, verbose=False)
+    with pytest.raises(PranceError, match="augment=False"):
+        train_dense(_cfg(fmnist_dir, epochs=2, augment=False), run, resume=True, verbose=False)
+
+
 @pytest.mark.parametrize(
     "changes, fragment",
     [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch size"), (dict(lr=0.0), "learning rate"),
