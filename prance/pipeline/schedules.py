@@ -8,7 +8,7 @@ method on Fashion-MNIST in under half an hour on two idle cores of a 2 GHz Zen-1
 included: every stage runs on the full data sets, only shorter, on ``fmnist-micro`` (a quarter of
 fmnist-tiny's MACs) whose dense model trains one epoch without augmentation at lr 4e-3 — in so short
 a run crops and flips only slow learning down (20 000 images: holdout 73.4 % without them, 51.4 %
-with; lr 2e-3 72.8 %, batch 32 71.4 %; fmnist-tiny 70.3 % in 2.6 times the time).
+with; lr 2e-3 72.8 %, batch 32 at 1e-3 71.4 %; fmnist-tiny 70.3 % in 2.6 times the time).
 
 Timed from a clean clone at commit 533436b (`make demo`, machine otherwise idle): 29.0 min — set-up
 ~3.4, dense 7.0, meta-network 4.5, sweep of 8 subnets 4.3, selector 2.2, fine-tune 1.9, static-plan
