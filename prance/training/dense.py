@@ -222,8 +222,8 @@ def build_dense_task(
     else:
         config = pretrained.config if pretrained is not None else _model_config(cfg)
     splits = training_splits(cfg.data, img_size=config.img_size, in_chans=config.in_chans,
-                             holdout=Holdout(cfg.holdout, cfg.holdout_seed), train_augment=cfg.augment, root=cfg.data_dir,
-                             limit=cfg.limit, holdout_limit=cfg.val_limit, seed=cfg.seed)
+                             holdout=Holdout(cfg.holdout, cfg.holdout_seed), train_augment=cfg.augment,
+                             root=cfg.data_dir, limit=cfg.limit, holdout_limit=cfg.val_limit, seed=cfg.seed)
     num_classes = splits.train.info.num_classes
     torch.manual_seed(cfg.seed)
     if saved is not None:
