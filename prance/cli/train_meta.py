@@ -49,6 +49,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=int, default=128, help="images per step and process (default 128)")
     m.add_argument("--lr", type=float, default=2.5e-4, help="peak AdamW learning rate (default 2.5e-4)")
     m.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default 100)")
+    m.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train without random crops and flips (keeps more of a briefly trained dense model's "
+                        "accuracy in a short run)")
     m.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     m.add_argument("--teacher-weight", type=float, default=0.5,
                    help="with --teacher: weight of distillation in the largest subnet's loss (default 0.5)")
@@ -113,8 +116,8 @@ def command(args: argparse.Namespace) -> None:
     cfg = MetaTrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, num_random=args.num_random, temperature=args.temperature,
                           teacher_weight=args.teacher_weight, distill_from=args.distill_from,
-                          random_subnets=args.random_subnets, seed=args.seed, log_every=args.log_every,
-                          checkpoint_every=args.checkpoint_every)
+                          random_subnets=args.random_subnets, augment=args.augment, seed=args.seed,
+                          log_every=args.log_every, checkpoint_every=args.checkpoint_every)
     summary = run_train_meta(run, cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         val = (f"; held-out top-1 largest {summary['val_top1_largest']:.2f}%, smallest "

@@ -23,7 +23,8 @@ STAGES = ("dense", "meta", "sweep", "selector", "finetune", "static_finetune", "
 UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
 # Settings added after runs were recorded without them, with the value those runs had in effect: a stage
 # recorded before ``dense.augment`` existed trained with augmentation, and resumes as such.
-ADDED_SETTINGS: dict[str, Any] = {"dense.augment": True}
+ADDED_SETTINGS: dict[str, Any] = {"dense.augment": True, "meta.augment": True, "finetune.augment": True,
+                                  "static_finetune.augment": True}
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -56,6 +57,7 @@ class MetaStage:
     lr: float = 2.5e-4
     warmup_steps: int = 100
     num_random: int = 2  # random subnets per step besides the largest and smallest
+    augment: bool = True  # random crops and flips of the training images (see MetaTrainConfig)
     min_keep: float = 0.25  # smallest keep ratio per stage the network is trained for
     keep_grid: float = 0.0  # keep ratios on multiples of this step (0: continuous)
     widths: list[int] | None = None  # search-space widths (None: the model's default)
@@ -103,6 +105,7 @@ class FinetuneStage:
     warmup_steps: int = 50
     distill_weight: float = 0.5
     alternate: int = 0  # one PPO update of the selector every N steps (0: the selector stays fixed)
+    augment: bool = True  # random crops and flips of the training images
     limit: int | None = None
     holdout_limit: int | None = None
     checkpoint_every: int = 0
@@ -119,6 +122,7 @@ class StaticFinetuneStage:
     lr: float | None = None
     warmup_steps: int | None = None
     distill_weight: float | None = None
+    augment: bool | None = None
     limit: int | None = None
     holdout_limit: int | None = None
     static_candidates: int = 16  # how many of the dearest fitting static subnets the holdout compares

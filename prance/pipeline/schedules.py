@@ -24,10 +24,10 @@ from typing import Any
 DEMO: dict[str, dict[str, Any]] = {
     "dense": {"preset": "fmnist-micro", "epochs": 1, "lr": 4e-3, "warmup_epochs": 0.3, "augment": False,
               "val_limit": 2000},
-    "meta": {"epochs": 1, "max_steps": 120, "batch_size": 64, "warmup_steps": 20, "val_limit": 1000},
+    "meta": {"epochs": 1, "max_steps": 120, "batch_size": 64, "warmup_steps": 20, "augment": False, "val_limit": 1000},
     "sweep": {"count": 8, "holdout_limit": 1000},
     "selector": {"updates": 80, "holdout_limit": 1000, "checkpoint_every": 20},
-    "finetune": {"max_steps": 100, "batch_size": 64, "warmup_steps": 10, "holdout_limit": 1000,
+    "finetune": {"max_steps": 100, "batch_size": 64, "warmup_steps": 10, "augment": False, "holdout_limit": 1000,
                  "checkpoint_every": 50},
     "static_finetune": {"static_candidates": 8},
     "round_up": {"holdout_limit": 500},

@@ -83,7 +83,7 @@ def training_configs(cfg: RunConfig) -> dict[str, Any]:
                              epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, warmup_epochs=d.warmup_epochs,
                              augment=d.augment, seed=cfg.seed, checkpoint_every=d.checkpoint_every)
     meta = MetaTrainConfig(epochs=m.epochs, max_steps=m.max_steps, batch_size=m.batch_size, lr=m.lr,
-                           warmup_steps=m.warmup_steps, num_random=m.num_random, seed=cfg.seed,
+                           warmup_steps=m.warmup_steps, num_random=m.num_random, augment=m.augment, seed=cfg.seed,
                            checkpoint_every=m.checkpoint_every)
     selector = SelectorTrainConfig(budget=cfg.budget, updates=s.updates, batch_size=s.batch_size, encoder=s.encoder,
                                    hidden=s.hidden, mlp_per_stage=s.mlp_per_stage, keep_grid=s.keep_grid,
@@ -92,11 +92,11 @@ def training_configs(cfg: RunConfig) -> dict[str, Any]:
                                    data=cfg.data, data_dir=cfg.data_dir)
     joint = FinetuneConfig(epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, lr=f.lr,
                            warmup_steps=f.warmup_steps, distill_weight=f.distill_weight, alternate=f.alternate,
-                           seed=cfg.seed, limit=f.limit, holdout_limit=f.holdout_limit,
+                           augment=f.augment, seed=cfg.seed, limit=f.limit, holdout_limit=f.holdout_limit,
                            checkpoint_every=f.checkpoint_every)
     static = FinetuneConfig(epochs=sf.epochs, max_steps=sf.max_steps, batch_size=sf.batch_size, lr=sf.lr,
-                            warmup_steps=sf.warmup_steps, distill_weight=sf.distill_weight, static_plan="auto",
-                            static_candidates=sf.static_candidates, seed=cfg.seed, limit=sf.limit,
+                            warmup_steps=sf.warmup_steps, distill_weight=sf.distill_weight, augment=sf.augment,
+                            static_plan="auto", static_candidates=sf.static_candidates, seed=cfg.seed, limit=sf.limit,
                             holdout_limit=sf.holdout_limit, checkpoint_every=sf.checkpoint_every)
     return {"dense": dense, "meta": meta, "selector": selector, "finetune": joint, "static_finetune": static}
 

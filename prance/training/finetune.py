@@ -99,6 +99,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, embeddings)
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     label_smoothing: float = 0.1  # of the cross-entropy with the labels
+    augment: bool = True  # random crops and flips of the training images (a run of ~100 steps learns more without)
     distill_weight: float = 0.5  # loss = (1 - w) · CE + w · KD from the dense teacher
     temperature: float = 1.0  # KD temperature T (KL of softened distributions, scaled by T²)
     alternate: int = 0  # every this many steps one PPO update of the selector (0: the selector stays fixed)
@@ -472,7 +473,7 @@ def _finetune(adaptive_path: Path, cfg: FinetuneConfig, out_dir: str | os.PathLi
     holdout = pipeline_holdout(data, {"--adaptive": str(adaptive_path), "--teacher": teacher_source})
     model = adaptive.model
     splits = training_splits(data, img_size=model.config.img_size, in_chans=model.config.in_chans, holdout=holdout,
-                             train_augment=True, root=root, limit=cfg.limit, holdout_limit=cfg.holdout_limit,
+                             train_augment=cfg.augment, root=root, limit=cfg.limit, holdout_limit=cfg.holdout_limit,
                              seed=cfg.seed)
     check_same_classes(trained, splits.train.info, str(adaptive_path), root)
     teacher_ckpt = None if teacher_source.startswith("timm:") else load_checkpoint(teacher_source)
@@ -557,8 +558,10 @@ def _static_plan(cfg: FinetuneConfig, adaptive: AdaptiveViT, holdout: Dataset, d
 
 
 def _flat(args: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's settings as one flat dict (its ``train`` part and the sources)."""
-    return {**{k: v for k, v in args.items() if k not in ("train", "static_plan")}, **dict(args.get("train") or {})}
+    """A run's settings as one flat dict (its ``train`` part and the sources); training settings a run was
+    recorded without (it predates them) read as their defaults, the value they had then."""
+    return {**{k: v for k, v in args.items() if k not in ("train", "static_plan")}, **FinetuneConfig().to_dict(),
+            **dict(args.get("train") or {})}
 
 
 __all__ = [

@@ -99,19 +99,20 @@ def test_settings_that_cannot_change_results_are_not_compared() -> None:
     assert not compared("dense.checkpoint_every") and compared("dense.epochs") and compared("budget")
 
 
-def test_a_stage_recorded_before_a_setting_existed_runs_with_the_value_it_had_then(tmp_path: Path) -> None:
-    """Runs recorded before ``dense.augment`` existed trained with augmentation: resuming them is no change."""
+@pytest.mark.parametrize("stage", ["dense", "meta", "finetune", "static_finetune"])
+def test_a_stage_recorded_before_a_setting_existed_runs_with_the_value_it_had_then(stage: str, tmp_path: Path) -> None:
+    """Runs recorded before the training stages' ``augment`` existed trained with augmentation: resuming them is
+    no change, resuming them without it is."""
     from prance.pipeline.ledger import Ledger
 
+    name = f"{stage}.augment"
     ledger = Ledger.read(tmp_path)
-    old = {k: v for k, v in stage_settings(_from_flags(), "dense").items() if k != "dense.augment"}
-    ledger.start("dense", old)
-    unaugmented = stage_settings(_from_flags("--set", "dense.augment=false"), "dense")
-    assert ledger.changed("dense", stage_settings(_from_flags(), "dense")) is None
-    assert ledger.changed("dense", unaugmented) == "dense.augment"
-    with pytest.raises(PranceError, match="dense.augment=true, now dense.augment=false"):
-        ledger.check_unchanged({"dense": unaugmented},
-                               tmp_path / "config.yaml", stages=("dense",))
+    ledger.start(stage, {k: v for k, v in stage_settings(_from_flags(), stage).items() if k != name})
+    unaugmented = stage_settings(_from_flags("--set", f"{name}=false"), stage)
+    assert ledger.changed(stage, stage_settings(_from_flags(), stage)) is None
+    assert ledger.changed(stage, unaugmented) == name
+    with pytest.raises(PranceError, match=f"{name}=true, now {name}=false"):
+        ledger.check_unchanged({stage: unaugmented}, tmp_path / "config.yaml", stages=(stage,))
 
 
 def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path: Path) -> None:

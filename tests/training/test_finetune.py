@@ -176,6 +176,18 @@ def test_finetuning_trains_on_training_images_only_and_never_reads_the_test_spli
     assert [r["step"] for r in ppo if r["event"] == "ppo"] == [2, 4]  # one PPO update every 2 steps
 
 
+def test_without_augmentation_finetuning_reads_plain_training_images_and_resume_keeps_the_choice(
+    pipeline: dict[str, Path], reads: list, tmp_path: Path, fmnist_dir: str
+) -> None:
+    common = dict(teacher=str(pipeline["dense"]), verbose=False)
+    run_finetune(pipeline["adaptive"], _cfg(epochs=1, augment=False), tmp_path / "plain", **common)
+    held_out = set(torch.randperm(60_000, generator=torch.Generator().manual_seed(0))[:6_000].tolist())
+    assert reads and not any(augmented for _, augmented, _ in reads)
+    assert len(set().union(*(rows for _, _, rows in reads)) - held_out) == 48  # every training image, plain
+    with pytest.raises(PranceError, match="augment=True, but the run used False"):
+        run_finetune(pipeline["adaptive"], _cfg(epochs=1), tmp_path / "plain", resume=True, **common)
+
+
 @pytest.mark.slow
 def test_an_interrupted_joint_run_resumes_to_the_same_weights_and_selector(pipeline: dict[str, Path],
                                                                            tmp_path: Path, fmnist_dir: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prance import MetaViT, Plan, PranceError, create_model
-from prance.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from prance.training.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
 from prance.training.meta import (
     MetaRunConfig,
     MetaTrainConfig,
@@ -153,6 +153,27 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path, fmni
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_checkpoint(dense)["model"]
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])  # it did train
+
+
+def test_without_augmentation_the_loop_reads_plain_training_images_and_resume_keeps_the_choice(
+        reads: list, tmp_path: Path, fmnist_dir: str):
+    run = _run(fmnist_dir, limit=128, val_limit=32)
+    run_train_meta(run, _cfg(epochs=1, augment=False), tmp_path, progress=False, stop_after=1)
+    with pytest.raises(PranceError, match="augment=True, but the run used False"):
+        run_train_meta(run, _cfg(epochs=1), tmp_path, resume=True, progress=False)
+    assert run_train_meta(run, _cfg(epochs=1, augment=False), tmp_path, resume=True, progress=False)["complete"]
+    # The run's holdout (0.2, seed 0), independently: the first 20 % of a permutation seeded by 0.
+    held_out = set(torch.randperm(60_000, generator=torch.Generator().manual_seed(0))[:12_000].tolist())
+    assert reads and not any(augmented for _, augmented, _ in reads)
+    assert len(set().union(*(rows for _, _, rows in reads)) - held_out) == 128  # every training image, plain
+
+    # A run recorded before the setting existed trained with augmentation: resuming it without is refused.
+    last = load_checkpoint(tmp_path / "last.pt")
+    del last["args"]["train"]["augment"]
+    atomic_save(last, tmp_path / "last.pt")
+    with pytest.raises(PranceError, match="augment=False, but the run used True"):
+        run_train_meta(run, _cfg(epochs=1, augment=False), tmp_path, resume=True, progress=False)
+    assert run_train_meta(run, _cfg(epochs=1), tmp_path, resume=True, progress=False)["complete"]
 
 
 def test_meta_model_from_dense_keeps_its_weights_and_the_requested_space(tmp_path: Path):
