@@ -33,7 +33,7 @@ TEST_WORKERS ?= 2
 .PHONY: help setup data test demo reproduce headline levers
 
 help:
-	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (29 min on 2 idle cores of a 2 GHz Zen 1), into $(DEMO_DIR)"
+	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (26 min on 2 idle cores of a 2 GHz Zen 1), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
 	@echo "make levers      after reproduce: round-up off/K=8, cls encoder, MLP per stage, keep grid, alternate"

@@ -6,15 +6,20 @@ epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to
 decisions rounded up to K = 4 per stage; bench at batch 1 and 64). ``demo`` shows the whole
 method on Fashion-MNIST in under half an hour on two idle cores of a 2 GHz Zen-1 EPYC, set-up
 included: every stage runs on the full data sets, only shorter, on ``fmnist-micro`` (a quarter of
-fmnist-tiny's MACs) whose dense model trains one epoch without augmentation at lr 4e-3 — in so short
-a run crops and flips only slow learning down (20 000 images: holdout 73.4 % without them, 51.4 %
-with; lr 2e-3 72.8 %, batch 32 at 1e-3 71.4 %; fmnist-tiny 70.3 % in 2.6 times the time).
+fmnist-tiny's MACs), and no stage augments. Its dense model trains one epoch at lr 4e-3 — in so
+short a run crops and flips only slow learning down (20 000 images: holdout 73.4 % without them,
+51.4 % with; lr 2e-3 72.8 %, batch 32 at 1e-3 71.4 %; fmnist-tiny 70.3 % in 2.6 times the time).
+The meta-network's 120 steps and each fine-tune's 100 start from that unaugmented model and keep
+more of it without them too (holdout, 1000 images: largest / smallest subnet 80.0 / 77.6 % against
+79.0 / 76.8 % with them; joint fine-tuning 79.9 % against 78.5 %, both at 0.50 of the MACs).
 
-Timed from a clean clone at commit 533436b (`make demo`, machine otherwise idle): 29.0 min — set-up
-~3.4, dense 7.0, meta-network 4.5, sweep of 8 subnets 4.3, selector 2.2, fine-tune 1.9, static-plan
-fine-tune 1.1, round-up on 500 held-out images 1.3, evaluation 1.8, bench 0.7, report 0.2. The
-fmnist-tiny demo it replaces (2 augmented epochs, 12 subnets) took 72 min on that CPU and 19 min
-51 s on a ~4x faster one.
+Timed from a clean clone at commit beec2d3 (`make demo`, machine otherwise idle): 25.5 min — set-up
+~4.3, dense 5.9, meta-network 4.0, sweep of 8 subnets 4.1, selector 1.6, fine-tune 1.4, static-plan
+fine-tune 0.8, round-up on 500 held-out images 1.0, evaluation 1.5, bench 0.7, report 0.2. The same
+schedule with augmented meta-training and fine-tuning (commit 533436b) took 29.0 min, most of the
+difference being this machine's spread: the dense stage, the same in both, took 5.9 min against 7.0.
+The fmnist-tiny demo before it (2 augmented dense epochs, 12 subnets) took 72 min on that CPU and
+19 min 51 s on a ~4x faster one.
 """
 
 from __future__ import annotations
