@@ -31,7 +31,8 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-weight", type=float, default=0.5,
                    help="loss = (1 - w) CE + w KD from the teacher (default 0.5)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="train without random crops and flips (a run of about a hundred steps learns more without)")
+                   help="train without random crops and flips (a short run from a model trained without them "
+                        "does better without them too)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
     p.add_argument("--alternate", type=int, default=0,
                    help="every N steps one PPO update of the selector on the current weights (default 0: off)")
@@ -66,8 +67,7 @@ def command(args: argparse.Namespace) -> None:
                          warmup_steps=args.warmup_steps, distill_weight=args.distill_weight,
                          temperature=args.temperature, augment=args.augment, alternate=args.alternate,
                          static_plan=args.static_plan, static_candidates=args.static_candidates, seed=args.seed,
-                         limit=args.limit,
-                         holdout_limit=args.holdout_limit, checkpoint_every=args.checkpoint_every)
+                         limit=args.limit, holdout_limit=args.holdout_limit, checkpoint_every=args.checkpoint_every)
     summary = run_finetune(args.adaptive, cfg, out, teacher=args.teacher, data_dir=args.data_dir,
                            resume=args.resume, overwrite=args.overwrite, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:

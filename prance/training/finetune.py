@@ -99,7 +99,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases, norms, embeddings)
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     label_smoothing: float = 0.1  # of the cross-entropy with the labels
-    augment: bool = True  # random crops and flips of the training images (a run of ~100 steps learns more without)
+    augment: bool = True  # random crops and flips (a short run from a model trained without them does better off)
     distill_weight: float = 0.5  # loss = (1 - w) · CE + w · KD from the dense teacher
     temperature: float = 1.0  # KD temperature T (KL of softened distributions, scaled by T²)
     alternate: int = 0  # every this many steps one PPO update of the selector (0: the selector stays fixed)
