@@ -49,8 +49,8 @@ def command(args: argparse.Namespace) -> None:
 
     record = round_up_file(args.checkpoint, args.k, out, holdout_limit=args.holdout_limit, data_dir=args.data_dir,
                            seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device))
-    before = {k: record["without_round_up"].get(k, float("nan"))
-              for k in ("holdout_macs_ratio", "holdout_top1", "knob")}
+    before = {**record["without_round_up"], **record["without_round_up"].get("same_images", {})}
+    before = {k: before.get(k, float("nan")) for k in ("holdout_macs_ratio", "holdout_top1", "knob")}
     print(f"round-up K={args.k} on {record['holdout_images']} held-out images: MACs {record['holdout_macs_ratio']:.4f} "
           f"of dense, top-1 {record['holdout_top1']:.2f}%, knob {record['knob']:+.4f} (without: MACs "
           f"{before['holdout_macs_ratio']:.4f}, top-1 {before['holdout_top1']:.2f}%, knob {before['knob']:+.4f}); "

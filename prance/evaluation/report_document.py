@@ -221,6 +221,11 @@ def _operating_point(op: dict[str, Any] | None) -> list[str]:
         lines.append(f"The knob was calibrated on {cal.get('holdout_images')} holdout images: mean "
                      f"{_fmt(cal.get('holdout_macs_ratio'), '.4f')} of dense MACs at holdout top-1 "
                      f"{_fmt(cal.get('holdout_top1'), '.2f')} %.")
+        same = (cal.get("without_round_up") or {}).get("same_images") if cal.get("round_up") else None
+        if same:
+            lines.append(f"Without rounding decisions up to K = {cal['round_up']} representatives, on the same images: "
+                         f"mean {_fmt(same.get('holdout_macs_ratio'), '.4f')} of dense MACs at holdout top-1 "
+                         f"{_fmt(same.get('holdout_top1'), '.2f')} %.")
     if q:
         lines.append("Per-image GMACs on the test split, 5/25/50/75/95th percentile: "
                      + " / ".join(f"{float(v) / 1e9:.4f}" for _, v in sorted(q.items(), key=lambda kv: float(kv[0])))

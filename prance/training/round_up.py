@@ -5,7 +5,9 @@ adds MACs, so the calibration knob found without it would overshoot the budget. 
 knob is calibrated again with rounding active: at every knob value tried, the representatives
 are learned anew from the selector's decisions there (they depend on the knob), then the mean
 MACs (selector included) of the rounded model is measured; both on the holdout, as every
-choice is (DESIGN.md §8). This costs about (S + 1) holdout passes per knob value tried.
+choice is (DESIGN.md §8). This costs about (S + 1) holdout passes per knob value tried. The
+model without rounding is measured on the same images first, so the record pairs the lever's
+cost in top-1 with its rounded figures.
 
 :func:`round_up_file` does it to an existing ``adaptive.pt`` and writes a new file;
 ``prance train-selector --round-up K`` does it after training.
@@ -59,6 +61,10 @@ def calibrate_with_round_up(adaptive: AdaptiveViT, holdout: Dataset, k: int, bud
     device = adaptive.model.cls_token.device
     images, labels = _holdout_batches(holdout, device, batch_size)
     previous = {key: v for key, v in adaptive.calibration.items() if key != "without_round_up"}
+    if adaptive.representatives is None:  # the lever's cost, paired: the model as given on these same images
+        ratio, predictions = _measure(adaptive, images)
+        previous["same_images"] = {"holdout_macs_ratio": ratio, "holdout_images": len(holdout),
+                                   "holdout_top1": 100.0 * float((predictions == labels).double().mean())}
 
     def ratio_at(knob: float) -> float:
         adaptive.selector.knob.fill_(knob)

@@ -281,6 +281,10 @@ def test_the_round_up_lever_makes_the_rounded_model_prance_for_evaluation_bench_
     row = next(r for r in results["rows"] if r["key"] == "prance")
     assert "round_up/adaptive.pt" in row["source"] and row["speed"]  # timed: the lever's point
     assert any(n.startswith("speed: bench timed the evaluated decisions") for n in row["notes"])
+    same = rounded["calibration"]["without_round_up"]["same_images"]
+    assert (f"Without rounding decisions up to K = 2 representatives, on the same images: mean "
+            f"{same['holdout_macs_ratio']:.4f} of dense MACs at holdout top-1 {same['holdout_top1']:.2f} %."
+            in (run / "report.md").read_text())
     # The source run (the default, K = 4) was left as it was.
     assert load_checkpoint(finished_run / "round_up" / "adaptive.pt")["calibration"]["round_up"] == 4
 

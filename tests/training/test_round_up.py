@@ -74,6 +74,12 @@ def test_round_up_writes_a_recalibrated_model_whose_rounded_mean_lands_on_the_bu
     ratio = float(rounded.last.macs.double().mean()) / rounded.last.dense_macs
     assert ratio == pytest.approx(cal["holdout_macs_ratio"], abs=1e-9)
     assert abs(ratio - 0.6) <= 0.05 * 0.6, cal  # K = 3 moves the mean in coarse steps; still near the budget
+    # The lever's cost is recorded paired: the model without rounding on the same 64 images.
+    plain, labels = AdaptiveViT.load(trained), torch.as_tensor([int(held[i][1]) for i in range(len(held))])
+    top1 = 100.0 * float((plain(x).argmax(-1) == labels).double().mean())
+    same = cal["without_round_up"]["same_images"]
+    assert same["holdout_images"] == 64 and same["holdout_top1"] == pytest.approx(top1)
+    assert same["holdout_macs_ratio"] == pytest.approx(float(plain.last.macs.double().mean()) / plain.last.dense_macs)
     cfg = rounded.model.config
     for s in range(1, cfg.num_stages):
         assert len(stage_decisions(cfg, rounded.last.plan, s).unique(dim=0)) <= 3
