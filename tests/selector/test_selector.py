@@ -44,9 +44,16 @@ def test_an_images_decisions_do_not_depend_on_its_batch():
     model, selector, x = _setup()
     engine = DynamicExecutor(model)
     logits, plan = engine.run(x, policy=selector)
+    macs = macs_per_sample(model.config, plan)
     for i in (0, 5, 11):
         alone_logits, alone = engine.run(x[i : i + 1], policy=selector)
-        assert alone.key(0) == plan.key(i)
+        # The discrete choices and the compute they run are identical; the continuous keep ratios agree to
+        # float32 rounding (a matrix product's kernel, and so its last bit, may change with the batch size).
+        for name in ("widths", "mlp_ratios", "heads"):
+            assert torch.equal(getattr(alone, name)[0], getattr(plan, name)[i])
+        for name in ("keep", "merge_keep"):
+            assert torch.allclose(getattr(alone, name)[0], getattr(plan, name)[i], rtol=0, atol=1e-6)
+        assert int(macs_per_sample(model.config, alone)[0]) == int(macs[i])
         assert torch.allclose(alone_logits[0], logits[i], atol=1e-5)
 
 
