@@ -41,6 +41,9 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                         "holdout within the adaptive model's mean MACs)")
     p.add_argument("--static-candidates", type=int, default=16,
                    help="auto: how many of the dearest fitting static subnets the holdout compares (default 16)")
+    p.add_argument("--static-slack", type=float, default=0.01,
+                   help="auto: only subnets at most this fraction of the dense MACs below the adaptive model's "
+                        "(default 0.01: the same compute; 1: any that fits)")
     p.add_argument("--limit", type=int, default=None, help="train on a random subset of this many training images")
     p.add_argument("--holdout-limit", type=int, default=None,
                    help="calibrate and choose on at most this many held-out images")
@@ -66,7 +69,8 @@ def command(args: argparse.Namespace) -> None:
     cfg = FinetuneConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, distill_weight=args.distill_weight,
                          temperature=args.temperature, augment=args.augment, alternate=args.alternate,
-                         static_plan=args.static_plan, static_candidates=args.static_candidates, seed=args.seed,
+                         static_plan=args.static_plan, static_candidates=args.static_candidates,
+                         static_slack=args.static_slack, seed=args.seed,
                          limit=args.limit, holdout_limit=args.holdout_limit, checkpoint_every=args.checkpoint_every)
     summary = run_finetune(args.adaptive, cfg, out, teacher=args.teacher, data_dir=args.data_dir,
                            resume=args.resume, overwrite=args.overwrite, device=args.device)

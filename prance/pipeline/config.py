@@ -24,7 +24,7 @@ UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
 # Settings added after runs were recorded without them, with the value those runs had in effect: a stage
 # recorded before ``dense.augment`` existed trained with augmentation, and resumes as such.
 ADDED_SETTINGS: dict[str, Any] = {"dense.augment": True, "meta.augment": True, "finetune.augment": True,
-                                  "static_finetune.augment": True}
+                                  "static_finetune.augment": True, "static_finetune.static_slack": 1.0}
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -126,6 +126,7 @@ class StaticFinetuneStage:
     limit: int | None = None
     holdout_limit: int | None = None
     static_candidates: int = 16  # how many of the dearest fitting static subnets the holdout compares
+    static_slack: float = 0.01  # ... among those at most this fraction of the dense MACs below PRANCE's
     checkpoint_every: int | None = None
 
 

@@ -96,7 +96,8 @@ def training_configs(cfg: RunConfig) -> dict[str, Any]:
                            checkpoint_every=f.checkpoint_every)
     static = FinetuneConfig(epochs=sf.epochs, max_steps=sf.max_steps, batch_size=sf.batch_size, lr=sf.lr,
                             warmup_steps=sf.warmup_steps, distill_weight=sf.distill_weight, augment=sf.augment,
-                            static_plan="auto", static_candidates=sf.static_candidates, seed=cfg.seed, limit=sf.limit,
+                            static_plan="auto", static_candidates=sf.static_candidates,
+                            static_slack=sf.static_slack, seed=cfg.seed, limit=sf.limit,
                             holdout_limit=sf.holdout_limit, checkpoint_every=sf.checkpoint_every)
     return {"dense": dense, "meta": meta, "selector": selector, "finetune": joint, "static_finetune": static}
 

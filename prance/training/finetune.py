@@ -20,7 +20,9 @@ The **static-plan** fine-tune is the same run — same start weights, epochs, ba
 teacher — under ONE plan for every image (physical execution, exact for a shared plan). It
 isolates what per-image decisions add. The plan is a YAML file or ``auto``: the most accurate
 static subnet on the holdout among the ``static_candidates`` dearest ones whose MACs do not
-exceed the adaptive model's mean MACs (selector included) measured on the same holdout. Its
+exceed the adaptive model's mean MACs (selector included) measured on the same holdout, nor fall
+more than ``static_slack`` × the dense MACs below them (the same compute, not a cheaper plan that
+happened to score well before fine-tuning). Its
 checkpoints are of kind ``"meta"`` (a meta-network; ``args["static_plan"]`` names the plan it
 was fine-tuned for) and the run writes ``plan.yaml`` for ``prance evaluate --plan``.
 
@@ -105,6 +107,7 @@ class FinetuneConfig:
     alternate: int = 0  # every this many steps one PPO update of the selector (0: the selector stays fixed)
     static_plan: str | None = None  # one plan for every image: a YAML file or "auto" (None: joint fine-tuning)
     static_candidates: int = 16  # auto: how many of the dearest fitting static subnets the holdout compares
+    static_slack: float = 0.01  # auto: ... among those at most this fraction of the dense MACs below the target
     seed: int = 0  # data order, augmentation, PPO sampling
     limit: int | None = None  # train on a random subset of this many training images
     holdout_limit: int | None = None  # calibrate / choose on at most this many held-out images
@@ -124,6 +127,9 @@ class FinetuneConfig:
                               "teacher only)")
         if self.temperature <= 0:
             raise PranceError(f"--temperature {self.temperature} must be positive, e.g. 1 or 2")
+        if not 0.0 <= self.static_slack <= 1.0:
+            raise PranceError(f"--static-slack {self.static_slack} must be in [0, 1] (a fraction of the dense MACs; "
+                              "1: any subnet that fits)")
         if self.alternate < 0:
             raise PranceError(f"--alternate {self.alternate} must be 0 (selector fixed) or a number of steps")
         if self.alternate and self.static_plan is not None:
@@ -406,14 +412,18 @@ def adaptive_mean_macs(adaptive: AdaptiveViT, holdout: Dataset, device: torch.de
 
 
 def choose_static_plan(model: MetaViT, holdout: Dataset, max_macs: float, count: int, seed: int = 0,
-                       batch_size: int = 256, progress: bool | None = None) -> tuple[str, Plan, list[dict[str, Any]]]:
+                       batch_size: int = 256, progress: bool | None = None, slack: float = 1.0
+                       ) -> tuple[str, Plan, list[dict[str, Any]]]:
     """The most accurate static subnet on ``holdout`` with at most ``max_macs`` MACs.
 
-    The candidates are the sweep's (:func:`~prance.evaluation.sweep.candidate_subnets`); the
-    ``count`` dearest of those that fit are evaluated (a subnet far below the budget leaves
-    compute unused). Returns its name, plan and every evaluated row.
+    The candidates are the sweep's (:func:`~prance.evaluation.sweep.candidate_subnets`); of those
+    that fit and need at least ``max_macs - slack`` × the dense MACs, the ``count`` dearest are
+    evaluated (a subnet far below the budget leaves compute unused, and a baseline at fewer MACs
+    is not one at the same MACs). When none is that close, the dearest that fits is the only one.
+    Returns its name, plan and every evaluated row.
     """
     config = model.config
+    floor = max_macs - slack * count_macs(config, Plan.full(config))
     fitting = [(name, plan) for name, plan in candidate_subnets(config, model.space, seed=seed)
                if count_macs(config, plan) <= max_macs]
     if not fitting:
@@ -421,7 +431,7 @@ def choose_static_plan(model: MetaViT, holdout: Dataset, max_macs: float, count:
         raise PranceError(f"no static subnet fits the adaptive model's {max_macs / 1e9:.4g} GMACs (the smallest "
                           f"needs {smallest / 1e9:.4g}); give a plan file with --static-plan FILE.yaml")
     fitting.sort(key=lambda c: (-count_macs(config, c[1]), c[0]))
-    chosen = fitting[:count]
+    chosen = ([c for c in fitting if count_macs(config, c[1]) >= floor] or fitting[:1])[:count]
     results = evaluate_subnets(model, holdout, chosen, batch_size=batch_size, progress=progress, desc="static plan")
     rows = [{"name": name, "gmacs": results[name]["gmacs"], "holdout_top1": results[name]["top1"],
              "plan": plan.to_dict()} for name, plan in chosen]
@@ -546,7 +556,7 @@ def _static_plan(cfg: FinetuneConfig, adaptive: AdaptiveViT, holdout: Dataset, d
     adaptive_macs = adaptive_mean_macs(adaptive, holdout, device)
     if cfg.static_plan == "auto":
         return (*choose_static_plan(model, holdout, adaptive_macs, cfg.static_candidates, seed=cfg.seed,
-                                    progress=progress), adaptive_macs)
+                                    progress=progress, slack=cfg.static_slack), adaptive_macs)
     spec = str(cfg.static_plan)
     if not spec.endswith((".yaml", ".yml")) or not Path(spec).is_file():
         raise PranceError(f"--static-plan {spec}: give an existing plan file (.yaml, e.g. a sweep's best_plan.yaml) "
@@ -557,11 +567,15 @@ def _static_plan(cfg: FinetuneConfig, adaptive: AdaptiveViT, holdout: Dataset, d
     return (*plans[0], None, adaptive_macs)
 
 
+#: Settings whose value in runs recorded before they existed differs from today's default.
+_BEFORE_THEY_EXISTED = {"static_slack": 1.0}
+
+
 def _flat(args: Mapping[str, Any]) -> dict[str, Any]:
     """A run's settings as one flat dict (its ``train`` part and the sources); training settings a run was
-    recorded without (it predates them) read as their defaults, the value they had then."""
+    recorded without (it predates them) read as the value they had then (mostly today's default)."""
     return {**{k: v for k, v in args.items() if k not in ("train", "static_plan")}, **FinetuneConfig().to_dict(),
-            **dict(args.get("train") or {})}
+            **_BEFORE_THEY_EXISTED, **dict(args.get("train") or {})}
 
 
 __all__ = [

@@ -115,6 +115,19 @@ def test_a_stage_recorded_before_a_setting_existed_runs_with_the_value_it_had_th
         ledger.check_unchanged({stage: unaugmented}, tmp_path / "config.yaml", stages=(stage,))
 
 
+def test_a_static_finetune_recorded_before_the_slack_existed_chose_among_every_fitting_subnet(tmp_path: Path) -> None:
+    """Its plan was chosen with no lower bound on its MACs (slack 1): today's default is a change, slack 1 is not."""
+    from prance.pipeline.ledger import Ledger
+
+    name = "static_finetune.static_slack"
+    ledger = Ledger.read(tmp_path)
+    ledger.start("static_finetune", {k: v for k, v in stage_settings(_from_flags(), "static_finetune").items()
+                                     if k != name})
+    assert ledger.changed("static_finetune", stage_settings(_from_flags(), "static_finetune")) == name
+    assert ledger.changed("static_finetune",
+                          stage_settings(_from_flags("--set", f"{name}=1.0"), "static_finetune")) is None
+
+
 def test_a_folders_images_set_the_input_of_a_model_trained_from_scratch(tmp_path: Path) -> None:
     for split in ("train", "val"):
         for name, size, mode in (("a", (24, 20), "L"), ("b", (24, 20), "L")):

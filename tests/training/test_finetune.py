@@ -11,18 +11,21 @@ import torch
 import yaml
 
 from prance import create_model
+from prance.accounting import count_macs
 from prance.adaptive import AdaptiveViT
 from prance.cli import main
 from prance.config import SearchSpace
 from prance.data import build_dataset
 from prance.data.splits import Holdout, holdout_set
 from prance.errors import PranceError
+from prance.evaluation.sweep import candidate_subnets
 from prance.model.metavit import MetaViT
 from prance.plan import Plan
 from prance.selector.budget import DualAscent
 from prance.selector.selector import Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, save_checkpoint
-from prance.training.finetune import FinetuneConfig, JointTask, StaticTask, Student, pipeline_of, run_finetune
+from prance.training.finetune import (FinetuneConfig, JointTask, StaticTask, Student, choose_static_plan, pipeline_of,
+                                     run_finetune)
 from prance.training.run import DistContext
 from tests.conftest import cli_error
 
@@ -188,6 +191,23 @@ def test_without_augmentation_finetuning_reads_plain_training_images_and_resume_
         run_finetune(pipeline["adaptive"], _cfg(epochs=1), tmp_path / "plain", resume=True, **common)
 
 
+def test_the_auto_static_plan_needs_the_same_compute_within_the_slack(fmnist_dir: str) -> None:
+    model = _meta()
+    held = holdout_set("fashion-mnist", img_size=28, in_chans=1, holdout=Holdout(), limit=16)
+    dense = count_macs(model.config, Plan.full(model.config))
+    macs = {name: count_macs(model.config, plan) for name, plan in candidate_subnets(model.config, model.space)}
+    target = 0.6 * dense
+    fitting = sorted((m for m in macs.values() if m <= target), reverse=True)
+    assert len(fitting) > 4 and fitting[3] < target - 0.01 * dense  # a wide band would compare cheaper subnets
+    for slack in (0.01, 0.05, 1.0):
+        name, plan, rows = choose_static_plan(model, held, target, 4, slack=slack, progress=False)
+        band = [m for m in fitting if m >= target - slack * dense] or fitting[:1]
+        assert sorted((macs[r["name"]] for r in rows), reverse=True) == band[:4]
+        assert count_macs(model.config, plan) == macs[name] and name in {r["name"] for r in rows}
+    with pytest.raises(PranceError, match="static-slack"):
+        FinetuneConfig(static_slack=1.5)
+
+
 @pytest.mark.slow
 def test_an_interrupted_joint_run_resumes_to_the_same_weights_and_selector(pipeline: dict[str, Path],
                                                                            tmp_path: Path, fmnist_dir: str) -> None:
@@ -269,7 +289,8 @@ def test_a_static_plan_run_trains_exactly_under_the_given_plan(pipeline: dict[st
 
 def test_auto_picks_the_best_holdout_subnet_within_the_adaptive_models_macs(pipeline: dict[str, Path],
                                                                            tmp_path: Path, fmnist_dir: str) -> None:
-    run_finetune(pipeline["adaptive"], _cfg(static_plan="auto", static_candidates=4, max_steps=1),
+    # Any fitting subnet may compete here (slack 1); the band below the target is tested above.
+    run_finetune(pipeline["adaptive"], _cfg(static_plan="auto", static_candidates=4, static_slack=1.0, max_steps=1),
                  tmp_path / "static", teacher=str(pipeline["dense"]), verbose=False)
     choice = json.loads((tmp_path / "static" / "static_choice.json").read_text())
     # The adaptive model's mean MACs on the same 32 held-out images, measured here.
