@@ -35,7 +35,7 @@ class DenseStage:
     preset: str = "fmnist-tiny"  # model shape without init (see prance.model.PRESETS)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # other ViTConfig fields (e.g. tests' toy shapes)
     img_size: int | None = None  # input size (None: the preset's; a folder's images up to FOLDER_MAX_SIZE)
-    epochs: int = 25
+    epochs: int = 40  # fmnist-tiny: 91.3 % test (holdout-chosen epoch 39); 25 epochs reached 89.7 %
     batch_size: int = 64  # per image as fast as 128 on 2 cores, twice the steps (see DenseTrainConfig)
     lr: float = 1e-3
     warmup_epochs: float = 2.0

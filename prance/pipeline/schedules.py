@@ -1,6 +1,6 @@
 """Named schedules of ``prance run``: the stage values ``--schedule NAME`` starts from.
 
-``full`` is the recipe of the headline runs — the stage dataclasses' own defaults (dense 25
+``full`` is the recipe of the headline runs — the stage dataclasses' own defaults (dense 40
 epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to keep 0.25;
 12 static subnets; 300 selector updates; 1 epoch of joint and of static-plan fine-tuning;
 decisions rounded up to K = 4 per stage; bench at batch 1 and 64). ``demo`` shows the whole
