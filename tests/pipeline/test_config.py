@@ -25,7 +25,7 @@ def test_the_default_is_the_full_recipe_of_the_headline_runs() -> None:
     cfg = _from_flags()
     assert (cfg.data, cfg.mode, cfg.budget, cfg.schedule, cfg.device) == ("fashion-mnist", "merge", 0.5, "full", "cpu")
     assert (cfg.dense.preset, cfg.dense.epochs, cfg.dense.lr, cfg.dense.warmup_epochs, cfg.dense.batch_size) == (
-        "fmnist-tiny", 25, 1e-3, 2.0, 64)
+        "fmnist-tiny", 40, 1e-3, 2.0, 64)
     assert (cfg.meta.epochs, cfg.meta.min_keep, cfg.sweep.count, cfg.selector.updates) == (2, 0.25, 12, 300)
     assert cfg.finetune.epochs == cfg.static_finetune.epochs == 1 and cfg.bench.batch_sizes == [1, 64]
 
