@@ -424,14 +424,15 @@ def choose_static_plan(model: MetaViT, holdout: Dataset, max_macs: float, count:
     """
     config = model.config
     floor = max_macs - slack * count_macs(config, Plan.full(config))
-    fitting = [(name, plan) for name, plan in candidate_subnets(config, model.space, seed=seed)
-               if count_macs(config, plan) <= max_macs]
+    candidates = [(name, plan, count_macs(config, plan)) for name, plan in
+                  candidate_subnets(config, model.space, seed=seed)]
+    fitting = [c for c in candidates if c[2] <= max_macs]
     if not fitting:
-        smallest = min(count_macs(config, plan) for _, plan in candidate_subnets(config, model.space, seed=seed))
+        smallest = min(macs for _, _, macs in candidates)
         raise PranceError(f"no static subnet fits the adaptive model's {max_macs / 1e9:.4g} GMACs (the smallest "
                           f"needs {smallest / 1e9:.4g}); give a plan file with --static-plan FILE.yaml")
-    fitting.sort(key=lambda c: (-count_macs(config, c[1]), c[0]))
-    chosen = ([c for c in fitting if count_macs(config, c[1]) >= floor] or fitting[:1])[:count]
+    fitting.sort(key=lambda c: (-c[2], c[0]))
+    chosen = [(name, plan) for name, plan, _ in ([c for c in fitting if c[2] >= floor] or fitting[:1])[:count]]
     results = evaluate_subnets(model, holdout, chosen, batch_size=batch_size, progress=progress, desc="static plan")
     rows = [{"name": name, "gmacs": results[name]["gmacs"], "holdout_top1": results[name]["top1"],
              "plan": plan.to_dict()} for name, plan in chosen]
