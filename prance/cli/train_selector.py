@@ -14,6 +14,8 @@ from prance.files import check_writable_dir
 def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
     """``train-selector``: PPO with the Result-to-Go reward on a frozen meta-network, under a MACs budget."""
     from prance.selector.features import ENCODERS
+    from prance.selector.reward import REWARD_KINDS
+    from prance.training.selector import SelectorTrainConfig
 
     p = sub.add_parser("train-selector", parents=[debug], help="train the per-image selector (Result-to-Go PPO)",
                        description="Train the selector of a frozen meta-network with PPO and the Result-to-Go "
@@ -45,6 +47,10 @@ def add_parser(sub: Any, debug: argparse.ArgumentParser) -> None:
                    help="round every stage decision up to one of K learned on the holdout (never less compute), "
                         "calibrated so; fewer distinct plans (default: off; also `prance round-up` afterwards)")
     p.add_argument("--keep-penalty", type=float, default=0.01, help="penalty on kept tokens (default 0.01)")
+    p.add_argument("--reward", choices=REWARD_KINDS, default=SelectorTrainConfig.reward,
+                   help="'outcome': each decision is rewarded with its Result-to-Go outcome (the paper's); 'gain': "
+                        "with how much it changed that outcome, so every return is the deployed run's (default "
+                        f"{SelectorTrainConfig.reward})")
     p.add_argument("--lr", type=float, default=3e-4, help="PPO Adam learning rate (default 3e-4)")
     p.add_argument("--limit", type=int, default=None, help="roll out on a random subset of this many training images")
     p.add_argument("--holdout-limit", type=int, default=None, help="calibrate on at most this many held-out images")
@@ -83,7 +89,7 @@ def command(args: argparse.Namespace) -> None:
     out = check_writable_dir(args.out)
     cfg = SelectorTrainConfig(budget=budget, updates=args.updates, batch_size=args.batch_size, encoder=args.encoder,
                               hidden=args.hidden, mlp_per_stage=args.mlp_per_stage, keep_penalty=args.keep_penalty,
-                              keep_grid=args.keep_grid or 0.0, round_up=args.round_up or 0,
+                              reward=args.reward, keep_grid=args.keep_grid or 0.0, round_up=args.round_up or 0,
                               ppo={"lr": args.lr}, seed=args.seed, limit=args.limit, holdout_limit=args.holdout_limit,
                               checkpoint_every=args.checkpoint_every, data=trained.data or "fashion-mnist",
                               data_dir=args.data_dir or trained.data_dir, budget_range=budget_range,

@@ -24,7 +24,8 @@ UNCOMPARED = ("device", "threads", "data_dir", "checkpoint_every")
 # Settings added after runs were recorded without them, with the value those runs had in effect: a stage
 # recorded before ``dense.augment`` existed trained with augmentation, and resumes as such.
 ADDED_SETTINGS: dict[str, Any] = {"dense.augment": True, "meta.augment": True, "finetune.augment": True,
-                                  "static_finetune.augment": True, "static_finetune.static_slack": 1.0}
+                                  "static_finetune.augment": True, "static_finetune.static_slack": 1.0,
+                                  "selector.reward": "outcome"}
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -88,6 +89,7 @@ class SelectorStage:
     mlp_per_stage: bool = False
     keep_grid: float = 0.0  # the selector's keep ratios raised to multiples of this (0: the meta-network's grid)
     keep_penalty: float = 0.01
+    reward: str = "gain"  # "gain" (each step's change of its Result-to-Go outcome) or "outcome" (the paper's)
     lr: float = 3e-4
     limit: int | None = None
     holdout_limit: int | None = None  # calibrate on at most this many held-out images

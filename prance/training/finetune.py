@@ -279,7 +279,7 @@ class JointTask(_Finetune):
         order_gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, step, ctx.rank, 3))
         record = selector_update(self.engine, self.selector, st.optimizer, st.dual, images, labels, budget,
                                  ppo=st.settings.ppo_config(), keep_penalty=st.settings.keep_penalty, progress=1.0,
-                                 act_gen=act_gen, order_gen=order_gen, ctx=ctx)
+                                 act_gen=act_gen, order_gen=order_gen, ctx=ctx, reward=st.settings.reward)
         st.updates += 1
         self.selector.eval()
         if self.log is not None:

@@ -55,7 +55,7 @@ from prance.model.metavit import MetaViT
 from prance.selector.budget import (Calibration, DualAscent, budget_knots, calibrate, calibrate_range, check_budget,
                                     check_budget_range)
 from prance.selector.ppo import PPOConfig, Rollout, ppo_update
-from prance.selector.reward import step_reward
+from prance.selector.reward import REWARD_KINDS, step_reward, step_rewards
 from prance.selector.selector import Sampled, Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 from prance.training.round_up import calibrate_with_round_up
@@ -90,6 +90,8 @@ class SelectorTrainConfig:
     keep_grid: float = 0.0  # the selector's keep ratios raised to multiples of this (0: the search space's grid)
     round_up: int = 0  # > 0: every stage decision rounded up to one of this many representatives (calibrated so)
     keep_penalty: float = 0.01  # small penalty on the fraction of tokens a stage keeps
+    reward: str = "gain"  # "gain": each step's change of the Result-to-Go outcome; "outcome": the outcome itself
+    # (the paper's); see prance.selector.reward. Gain: 90.37 % against 90.11 % on the holdout (fmnist-tiny, 3 seeds)
     lam_lr: float = 0.5  # dual-ascent step size of λ
     lam_init: float = 0.5  # λ at the start
     ppo: dict[str, Any] = field(default_factory=dict)  # PPOConfig fields that differ from its defaults
@@ -115,6 +117,8 @@ class SelectorTrainConfig:
         SelectorConfig(encoder=self.encoder, hidden=self.hidden)
         if self.updates < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
             raise PranceError("updates and checkpoint_every must be >= 1 and batch_size >= 2; fix the value")
+        if self.reward not in REWARD_KINDS:
+            raise PranceError(f"reward {self.reward!r} is none of {', '.join(REWARD_KINDS)}; pick one")
         if self.keep_penalty < 0 or self.lam_lr <= 0 or self.lam_init < 0:
             raise PranceError("keep_penalty and lam_init must be >= 0 and lam_lr > 0; fix the value")
         if not 0 <= self.keep_grid <= 1 or self.round_up < 0:
@@ -144,8 +148,13 @@ class SelectorTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SelectorTrainConfig":
+        """Settings as recorded; a record from before a setting existed reads as it then behaved."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**ADDED, **{k: v for k, v in d.items() if k in names}})
+
+
+#: Settings added after runs were recorded, with the value that reproduces those runs.
+ADDED: dict[str, Any] = {"reward": "outcome"}
 
 
 #: Settings that may change when a run is resumed.
@@ -177,7 +186,7 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
     say = print if verbose and ctx.is_main else (lambda *_: None)
     resume_from = folder.prepare(resume, overwrite)
     if resume_from is not None:
-        check_same_settings(cfg.to_dict(), resume_from["args"]["train"], RESUMABLE_CHANGES, folder.path)
+        check_same_settings(cfg.to_dict(), {**ADDED, **resume_from["args"]["train"]}, RESUMABLE_CHANGES, folder.path)
 
     # --- the frozen meta-network and the data it was trained with
     meta_ckpt = load_checkpoint(meta_path, kind=("meta", "joint"))
@@ -249,6 +258,7 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
         images, labels = next(batches)
         record = selector_update(engine, selector, optimizer, dual, images.to(ctx.device), labels.to(ctx.device),
                                  cfg.budgets(update, ctx.rank), ppo=ppo, keep_penalty=cfg.keep_penalty,
+                                 reward=cfg.reward,
                                  progress=update / cfg.updates, act_gen=act_gen, order_gen=order_gen, ctx=ctx)
         update += 1
         if ctx.is_main:
@@ -304,12 +314,12 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
 def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torch.optim.Optimizer, dual: DualAscent,
                     images: torch.Tensor, labels: torch.Tensor, budget: torch.Tensor, *, ppo: PPOConfig,
                     keep_penalty: float, progress: float, act_gen: torch.Generator, order_gen: torch.Generator,
-                    ctx: DistContext) -> dict[str, float]:
+                    ctx: DistContext, reward: str = "outcome") -> dict[str, float]:
     """One PPO update of ``selector`` on a batch of training images; returns the logged numbers.
 
     The selector samples every stage in a Result-to-Go rollout on the engine's (current)
     meta-network, each step is rewarded at λ of its image's ``budget`` ``[B]``, PPO runs on
-    the ``[3, B]`` buffer (dropped afterwards), then λ takes one dual step per budget bin with
+    the ``[3, B]`` buffer (dropped afterwards; ``reward`` as in :func:`~prance.selector.reward.step_rewards`), then λ takes one dual step per budget bin with
     the decided runs' MACs (summed over processes). Train-selector and joint fine-tuning
     (``--alternate``) both call it.
     """
@@ -323,7 +333,7 @@ def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torc
     parts = [step_reward(step.outcome.logits, labels, dense_correct, step.outcome.macs + selector_macs,
                          dense_macs, stage_kept(model.config, step.outcome.plan, step.stage))
              for step in rollout.steps]
-    rewards = torch.stack([p.total(lam, keep_penalty) for p in parts])
+    rewards = step_rewards(parts, lam, keep_penalty, reward, (dense_macs + selector_macs) / dense_macs)
     buffer = Rollout(*(torch.stack([getattr(s, k) for s in sampled]) for k in
                        ("features", "action", "log_prob", "value")), rewards=rewards)
     stats = ppo_update(selector.agent, optimizer, buffer, ppo, progress=progress, generator=order_gen,

@@ -198,3 +198,14 @@ def test_adapt_refuses_unknown_settings_before_running(tmp_path: Path) -> None:
     with pytest.raises(PranceError, match="unknown setting dense.epoch;"):
         adapt(None, "fashion-mnist", out=tmp_path / "run", dense={"epoch": 3})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_selector_recorded_before_the_reward_setting_rewarded_outcomes(tmp_path: Path) -> None:
+    from prance.pipeline.ledger import Ledger
+
+    name = "selector.reward"
+    ledger = Ledger.read(tmp_path)
+    ledger.start("selector", {k: v for k, v in stage_settings(_from_flags(), "selector").items() if k != name})
+    assert ledger.changed("selector", stage_settings(_from_flags("--set", f"{name}=outcome"), "selector")) is None
+    assert ledger.changed("selector", stage_settings(_from_flags("--set", f"{name}=gain"), "selector")) == name
+    assert ledger.changed("selector", stage_settings(_from_flags(), "selector")) == name  # today's default: gain

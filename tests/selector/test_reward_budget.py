@@ -7,7 +7,8 @@ import torch
 
 from prance.errors import PranceError
 from prance.selector.budget import DualAscent, KnobCurve, budget_knots, calibrate, calibrate_range, check_budget
-from prance.selector.reward import relative_accuracy, step_reward
+from prance.selector.ppo import gae
+from prance.selector.reward import StepReward, relative_accuracy, step_reward, step_rewards
 
 
 def test_accuracy_is_relative_to_the_dense_model():
@@ -23,6 +24,36 @@ def test_step_reward_subtracts_the_priced_macs_and_kept_tokens():
                     macs=torch.tensor([50, 100]), dense_macs=100.0, kept=torch.tensor([0.5, 1.0]))
     total = r.total(lam=torch.tensor([0.4, 0.2]), keep_penalty=0.1)
     assert torch.allclose(total, torch.tensor([1 - 0.4 * 0.5 - 0.05, 0 - 0.2 * 1.0 - 0.1]))
+
+
+def _three_steps() -> list[StepReward]:
+    """Outcomes of a 3-step rollout of two images: stage-by-stage cheaper runs, image 1 lost at step 2."""
+    return [StepReward(torch.tensor([1.0, 1.0]), torch.tensor([0.8, 0.9]), torch.tensor([0.5, 1.0])),
+            StepReward(torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.7]), torch.tensor([0.7, 0.5])),
+            StepReward(torch.tensor([1.0, 0.0]), torch.tensor([0.45, 0.5]), torch.tensor([1.0, 0.25]))]
+
+
+def test_outcome_rewards_are_each_steps_own_outcome():
+    parts, lam = _three_steps(), torch.tensor([0.3, 0.6])
+    rewards = step_rewards(parts, lam, 0.1, "outcome", full_macs_ratio=1.01)
+    assert torch.allclose(rewards, torch.stack([p.total(lam, 0.1) for p in parts]))
+
+
+def test_gain_rewards_return_the_deployed_runs_outcome_less_what_the_state_had_secured():
+    """With γ = 1 every step's return is the final (deployed) run's outcome minus the outcome before
+    that step (the full-size run before step 1), less the keep penalties of that step and later ones."""
+    parts, lam, kp, full = _three_steps(), torch.tensor([0.3, 0.6]), 0.1, 1.01
+    rewards = step_rewards(parts, lam, kp, "gain", full_macs_ratio=full)
+    outcome = [p.accuracy - lam * p.macs_ratio for p in parts]
+    before = [1.0 - lam * full, outcome[0], outcome[1]]
+    _, returns = gae(rewards, torch.zeros_like(rewards), gamma=1.0, lam=1.0)
+    for t in range(3):
+        kept = sum(parts[k].kept for k in range(t, 3))
+        assert torch.allclose(returns[t], outcome[2] - before[t] - kp * kept)
+    # image 1 lost the dense model's answer at step 2: that step, and no other, is charged the accuracy
+    assert rewards[1, 1] == pytest.approx(-1.0 - 0.6 * (0.7 - 0.9) - 0.1 * 0.5)
+    with pytest.raises(ValueError, match="none of"):
+        step_rewards(parts, lam, kp, "sum", full_macs_ratio=full)
 
 
 def test_dual_ascent_drives_a_cost_responsive_policy_onto_its_budget():

@@ -96,3 +96,28 @@ def test_an_interrupted_selector_run_resumes_to_the_same_selector(tmp_path: Path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PranceError, match="resuming"):
         train_selector(meta, _cfg(fmnist_dir, budget=0.5), tmp_path / "parts", resume=True, verbose=False)
+
+
+def test_the_reward_setting_reaches_the_update_and_an_older_run_resumes_with_the_reward_it_had(
+        tmp_path: Path, fmnist_dir: str, monkeypatch: pytest.MonkeyPatch):
+    import prance.training.selector as selector_training
+    from prance.training.checkpoint import atomic_save
+    from prance.selector.reward import step_rewards
+
+    kinds: list[str] = []
+    monkeypatch.setattr(selector_training, "step_rewards", lambda *a: (kinds.append(a[3]), step_rewards(*a))[1])
+    meta = _meta(tmp_path)
+    train_selector(meta, _cfg(fmnist_dir, reward="gain"), tmp_path / "gain", stop_after=1, verbose=False)
+    assert kinds == ["gain"]
+
+    # A run paused before the setting existed rewarded outcomes: resuming it so is no change, with gains it is.
+    last = tmp_path / "gain" / "last.pt"
+    ckpt = load_checkpoint(last)
+    del ckpt["args"]["train"]["reward"]
+    atomic_save(ckpt, last)
+    with pytest.raises(PranceError, match="reward='gain', but the run used 'outcome'"):
+        train_selector(meta, _cfg(fmnist_dir, reward="gain"), tmp_path / "gain", resume=True, verbose=False)
+    train_selector(meta, _cfg(fmnist_dir, reward="outcome", updates=2), tmp_path / "gain", resume=True, verbose=False)
+    assert kinds == ["gain", "outcome"]
+    with pytest.raises(PranceError, match="reward"):
+        _cfg(fmnist_dir, reward="sum")
