@@ -13,7 +13,8 @@ The meta-network's 120 steps and each fine-tune's 100 start from that unaugmente
 more of it without them too (holdout, 1000 images: largest / smallest subnet 80.0 / 77.6 % against
 79.0 / 76.8 % with them; joint fine-tuning 79.9 % against 78.5 %, both at 0.50 of the MACs).
 
-Timed from a clean clone at commit beec2d3 (`make demo`, machine otherwise idle): 25.5 min — set-up
+Timed from a clean clone (`make demo`, machine otherwise idle): 6.0 min at 30e052f on 2 cores of an
+AVX-512 Xeon (set-up included). On a 2 GHz Zen-1 EPYC at commit beec2d3: 25.5 min — set-up
 ~4.3, dense 5.9, meta-network 4.0, sweep of 8 subnets 4.1, selector 1.6, fine-tune 1.4, static-plan
 fine-tune 0.8, round-up on 500 held-out images 1.0, evaluation 1.5, bench 0.7, report 0.2. The same
 schedule with augmented meta-training and fine-tuning (commit 533436b) took 29.0 min, most of the
