@@ -3,8 +3,9 @@
 The meta-network is frozen; only the selector learns. One update reads top to bottom:
 
     batch of training images → the dense (full-size) prediction of each → one Result-to-Go
-    rollout (the selector samples stage 1, 2, 3; each step's reward comes from finishing the
-    network from that stage with the later stages at full size) → rewards with the current λ →
+    rollout (the selector samples stage 1, 2, 3; each step's outcome comes from finishing the
+    network from that stage with the later stages at full size) → rewards with the current λ
+    (by default each step's change of the outcome, see :mod:`prance.selector.reward`) →
     PPO on the [3, B] rollout → dual ascent on λ with the decided runs' mean MACs → log.
 
 After the last update the deterministic selector is calibrated on the holdout so that its
@@ -314,12 +315,13 @@ def _train(meta_path: Path, cfg: SelectorTrainConfig, folder: RunFolder, resume:
 def selector_update(engine: DynamicExecutor, selector: Selector, optimizer: torch.optim.Optimizer, dual: DualAscent,
                     images: torch.Tensor, labels: torch.Tensor, budget: torch.Tensor, *, ppo: PPOConfig,
                     keep_penalty: float, progress: float, act_gen: torch.Generator, order_gen: torch.Generator,
-                    ctx: DistContext, reward: str = "outcome") -> dict[str, float]:
+                    ctx: DistContext, reward: str) -> dict[str, float]:
     """One PPO update of ``selector`` on a batch of training images; returns the logged numbers.
 
     The selector samples every stage in a Result-to-Go rollout on the engine's (current)
     meta-network, each step is rewarded at λ of its image's ``budget`` ``[B]``, PPO runs on
-    the ``[3, B]`` buffer (dropped afterwards; ``reward`` as in :func:`~prance.selector.reward.step_rewards`), then λ takes one dual step per budget bin with
+    the ``[3, B]`` buffer (dropped afterwards; ``reward`` is the kind of
+    :func:`~prance.selector.reward.step_rewards`), then λ takes one dual step per budget bin with
     the decided runs' MACs (summed over processes). Train-selector and joint fine-tuning
     (``--alternate``) both call it.
     """
