@@ -87,8 +87,8 @@ def training_configs(cfg: RunConfig) -> dict[str, Any]:
                            checkpoint_every=m.checkpoint_every)
     selector = SelectorTrainConfig(budget=cfg.budget, updates=s.updates, batch_size=s.batch_size, encoder=s.encoder,
                                    hidden=s.hidden, mlp_per_stage=s.mlp_per_stage, keep_grid=s.keep_grid,
-                                   keep_penalty=s.keep_penalty, reward=s.reward, ppo={"lr": s.lr}, seed=cfg.seed, limit=s.limit,
-                                   holdout_limit=s.holdout_limit, checkpoint_every=s.checkpoint_every,
+                                   keep_penalty=s.keep_penalty, reward=s.reward, ppo={"lr": s.lr}, seed=cfg.seed,
+                                   limit=s.limit, holdout_limit=s.holdout_limit, checkpoint_every=s.checkpoint_every,
                                    data=cfg.data, data_dir=cfg.data_dir)
     joint = FinetuneConfig(epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, lr=f.lr,
                            warmup_steps=f.warmup_steps, distill_weight=f.distill_weight, alternate=f.alternate,

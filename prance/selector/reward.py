@@ -17,8 +17,8 @@ How the outcomes become the rewards PPO sums (``kind``):
 * ``"outcome"`` (the paper's): step ``t``'s reward is its own outcome. With γ = 1 a decision's
   return adds up the outcomes of every later step, runs that finished at full size, so the
   sum is not what the deployed run scores and earlier stages pay their MACs once per later step.
-* ``"gain"`` (the default): step ``t``'s reward is its outcome minus the previous step's, the full-size run
-  standing before step 1. The outcomes telescope: every decision's return is the decided run's
+* ``"gain"`` (the default): step ``t``'s reward is its outcome minus the previous step's, the
+  full-size run standing before step 1. The outcomes telescope: every decision's return is the decided run's
   outcome (what is deployed and what the budget constrains) minus the outcome its state had
   already secured, which its action cannot change, i.e. the Result-to-Go outcome serves as a
   potential (Ng et al., 1999) and still tells each step at once what it changed. On fmnist-tiny
@@ -43,9 +43,13 @@ class StepReward:
     macs_ratio: torch.Tensor  # MACs of the completed run / dense MACs
     kept: torch.Tensor  # fraction of patch tokens kept by the decided stage
 
+    def outcome(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """``accuracy − λ · macs_ratio``; ``lam`` may be one value or one per image."""
+        return self.accuracy - lam * self.macs_ratio
+
     def total(self, lam: torch.Tensor | float, keep_penalty: float) -> torch.Tensor:
-        """``accuracy − λ · macs_ratio − keep_penalty · kept``; ``lam`` may be one value or one per image."""
-        return self.accuracy - lam * self.macs_ratio - keep_penalty * self.kept
+        """The outcome less ``keep_penalty · kept``: the step's reward in the paper's form."""
+        return self.outcome(lam) - keep_penalty * self.kept
 
 
 REWARD_KINDS = ("outcome", "gain")
@@ -59,7 +63,7 @@ def step_rewards(parts: list[StepReward], lam: torch.Tensor | float, keep_penalt
     outcome before step 1 in ``"gain"``, whose accuracy term is 1 (the dense model itself)."""
     if kind not in REWARD_KINDS:
         raise ValueError(f"reward kind {kind!r} is none of {REWARD_KINDS}")
-    outcomes = [p.accuracy - lam * p.macs_ratio for p in parts]
+    outcomes = [p.outcome(lam) for p in parts]
     if kind == "gain":
         before = [1.0 - lam * full_macs_ratio + torch.zeros_like(outcomes[0]), *outcomes[:-1]]
         outcomes = [now - prev for now, prev in zip(outcomes, before)]
