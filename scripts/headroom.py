@@ -35,7 +35,7 @@ from prance.accounting import count_macs
 from prance.data.splits import Holdout, holdout_set, training_splits
 from prance.engine import DynamicExecutor
 from prance.evaluation.sweep import _spread, candidate_subnets
-from prance.selector.features import ENCODERS, raw_features
+from prance.selector.features import ENCODERS, FeatureNorm, raw_features
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
@@ -56,10 +56,12 @@ def record(engine: DynamicExecutor, plans: list, dataset, batch: int) -> dict[st
 
 
 def fit_router(features: torch.Tensor, right: torch.Tensor, epochs: int, seed: int) -> torch.nn.Module:
-    """A linear layer on standardised ``features [N, F]`` predicting every subnet's ``right [P, N]`` (BCE)."""
+    """A linear layer on ``features [N, F]``, standardised as the selector standardises its own, predicting
+    every subnet's ``right [P, N]`` (BCE)."""
     torch.manual_seed(seed)
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    net = torch.nn.Sequential(Standardise(mean, std), torch.nn.Linear(features.shape[1], right.shape[0]))
+    norm = FeatureNorm(features.shape[1])
+    norm.fit(features)
+    net = torch.nn.Sequential(norm, torch.nn.Linear(features.shape[1], right.shape[0]))
     opt = torch.optim.Adam(net.parameters(), 3e-3, weight_decay=1e-4)
     target = right.T.float()
     for _ in range(epochs):
@@ -68,15 +70,6 @@ def fit_router(features: torch.Tensor, right: torch.Tensor, epochs: int, seed: i
             torch.nn.functional.binary_cross_entropy_with_logits(net(features[i]), target[i]).backward()
             opt.step()
     return net.eval()
-
-
-class Standardise(torch.nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def route(score: torch.Tensor, macs: torch.Tensor, budget: float) -> torch.Tensor:
@@ -121,7 +114,8 @@ def main() -> None:
     macs_of = {name: count_macs(cfg, plan) for name, plan in candidates}
     names = _spread([name for name, _ in candidates], macs_of, args.plans)
     names.sort(key=lambda n: macs_of[n])
-    plans = [dict(candidates)[n] for n in names]
+    by_name = dict(candidates)
+    plans = [by_name[n] for n in names]
     engine = DynamicExecutor(model)
     print(f"{len(plans)} static subnets on {len(train)} training and {len(held)} held-out images", flush=True)
     on_train, on_held = record(engine, plans, train, args.batch), record(engine, plans, held, args.batch)
