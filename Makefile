@@ -72,16 +72,20 @@ headline: reproduce
 		$(PY) -m prance run --schedule full --mode $${run%-*} --budget $${run##*-} --reuse $(REPRODUCE_DIR) \
 			--out $(HEADLINE_DIR)/$$run $(RUN_FLAGS) || exit 1; \
 	done
-	@# One selector for every budget (trained once on reproduce's meta-network), evaluated at the three budgets.
+	@# One selector for every budget (trained once on reproduce's meta-network), evaluated and benchmarked at the three budgets.
 	@sel=$(HEADLINE_DIR)/budget-range; resume=$$(test -f $$sel/last.pt && echo --resume); \
 	test -f $$sel/adaptive.pt || $(PY) -m prance train-selector --meta $(REPRODUCE_DIR)/meta/best.pt \
 		--budget-range 0.3,0.8 --budget-bins 11 --updates 900 --out $$sel $$resume || exit 1; \
 	for b in 0.35 0.5 0.7; do \
 		test -f $$sel/test-$$b.json || $(PY) -m prance evaluate --checkpoint $$sel/adaptive.pt --budget $$b \
 			--out $$sel/test-$$b.json || exit 1; \
+		test -f $$sel/bench-$$b/bench.json || $(PY) -m prance bench --checkpoint $$sel/adaptive.pt --budget $$b \
+			--methods dense-timm,prance --batch-sizes 1,64 --runs 20 --warmup 5 --rounds 4 --pool 64 --threads 1 \
+			--out $$sel/bench-$$b || exit 1; \
 	done
 	$(PY) -m prance compare $(REPRODUCE_DIR) $(addprefix $(HEADLINE_DIR)/,$(HEADLINE_RUNS)) \
-		$(foreach b,0.35 0.5 0.7,--evaluation $(HEADLINE_DIR)/budget-range/test-$(b).json) --out $(HEADLINE_DIR)
+		$(foreach b,0.35 0.5 0.7,--evaluation $(HEADLINE_DIR)/budget-range/test-$(b).json \
+		--bench $(HEADLINE_DIR)/budget-range/bench-$(b)/bench.json) --out $(HEADLINE_DIR)
 
 # Each variant changes one setting of reproduce and reuses the stages before the one it changes.
 levers: reproduce

@@ -5,7 +5,8 @@ number still comes from that run's files and is on its test split. Speed-ups are
 images per second over the dense row's in the same run's bench (one machine, one sitting); runs
 benchmarked apart are compared through those ratios, never through raw throughput. Test-split
 evaluations of adaptive models made outside a run (``prance evaluate --out``, e.g. one budget-range
-selector at several budgets) add one row each, without speed.
+selector at several budgets) add one row each; such a row gets speed-ups from a ``prance bench --checkpoint``
+of that model at that budget (``--bench``) once bench's timed decisions are shown to be the evaluated ones.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from prance.source import short, source_commit
 ROW_KEYS = ("key", "method", "status", "top1", "images", "gmacs", "macs_ratio", "params_m", "token_fraction_last")
 
 
-def compare_runs(runs: Sequence[str | Path], evaluations: Sequence[str | Path] = ()) -> dict[str, Any]:
+def compare_runs(runs: Sequence[str | Path], evaluations: Sequence[str | Path] = (),
+                 benches: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The headline rows of every run in ``runs`` (in that order), with speed-ups over the run's own dense, then one
-    row per adaptive model's test-split evaluation file in ``evaluations``."""
+    row per adaptive model's test-split evaluation file in ``evaluations``, with speed-ups from the bench file
+    of ``benches`` that timed its decisions."""
     if not runs:
         raise PranceError("give at least one run folder (the --out of `prance run`)")
     folders = [Path(r).resolve() for r in runs]
@@ -47,7 +50,9 @@ def compare_runs(runs: Sequence[str | Path], evaluations: Sequence[str | Path] =
                          **{k: r[k] for k in ROW_KEYS}, "speedup": speedup})
         verdicts.append({"run": str(folder), "label": label, "text": results["verdict"]["text"],
                          "commits": stage_commits(results.get("stages") or {})})
-    rows += [evaluation_row(Path(e)) for e in evaluations]
+    extra = [evaluation_row(Path(e)) for e in evaluations]
+    attach_benches(extra, [Path(b) for b in benches])
+    rows += [row for row, _ in extra]
     return {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": source_commit(), "split": "test", "runs": [str(f) for f in folders], "rows": rows,
             "verdicts": verdicts}
@@ -63,8 +68,9 @@ def stage_commits(stages: dict[str, Any]) -> list[str]:
     return out
 
 
-def evaluation_row(path: Path) -> dict[str, Any]:
-    """One comparison row from ``prance evaluate --out`` of an adaptive model on the test split (no speed)."""
+def evaluation_row(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One comparison row from ``prance evaluate --out`` of an adaptive model on the test split (no speed yet),
+    and the evaluation it was read from."""
     from prance.evaluation.report import headline_row
 
     if not path.is_file():
@@ -86,7 +92,40 @@ def evaluation_row(path: Path) -> dict[str, Any]:
         raise PranceError(f"--evaluation {path} is of the {split} split; the comparison is on the test split "
                           "(evaluate with --split test)")
     return {"run": str(path.resolve()), "label": f"{path.parent.name}/{path.stem}", "mode": None,
-            "budget": result.get("budget"), **{k: row[k] for k in ROW_KEYS}, "speedup": {}}
+            "budget": result.get("budget"), **{k: row[k] for k in ROW_KEYS}, "speedup": {}}, result
+
+
+def attach_benches(evaluated: Sequence[tuple[dict[str, Any], dict[str, Any]]], benches: Sequence[Path]) -> None:
+    """Give each evaluation row the speed-ups of the bench file that timed its model: the bench's per-image MACs
+    agree with the evaluation's on every test image both hold. Speed-up is PRANCE's images per second over the
+    dense reference's in that bench (one sitting)."""
+    from prance.evaluation.report import bench_agreement
+
+    for path in benches:
+        try:
+            bench = json.loads(path.read_text())
+            reference = bench["meta"]["reference"]
+            speed = {(r["method"], str(r["batch_size"])): float(r["images_per_s"]) for r in bench["rows"]}
+        except FileNotFoundError:
+            raise PranceError(f"--bench {path}: file not found; give the bench.json of `prance bench --checkpoint "
+                              "ADAPTIVE.pt --budget B`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise PranceError(f"--bench {path} is not a bench.json written by `prance bench`") from None
+        matches = []
+        for row, result in evaluated:
+            agreement = bench_agreement(bench, result)
+            if agreement is not None and agreement[1] and not agreement[2]:
+                matches.append(row)
+        if not matches:
+            raise PranceError(f"--bench {path} did not time any --evaluation's model: no adaptive model's decisions, "
+                              "or none whose per-image MACs match on the test images both hold; bench the evaluated "
+                              "checkpoint at the evaluated budget (prance bench --checkpoint ADAPTIVE.pt --budget B)")
+        for row in matches:
+            if row["speedup"]:
+                raise PranceError(f"--bench {path}: the evaluation {row['label']} already has a bench; give one "
+                                  "bench per evaluation")
+            row["speedup"] = {b: ips / speed[reference, b] for (m, b), ips in speed.items()
+                              if m == "prance" and (reference, b) in speed}
 
 
 def run_labels(folders: Sequence[Path]) -> list[str]:
@@ -127,13 +166,14 @@ def markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(runs: Sequence[str | Path], out: str | Path, evaluations: Sequence[str | Path] = ()) -> Path:
+def write_comparison(runs: Sequence[str | Path], out: str | Path, evaluations: Sequence[str | Path] = (),
+                     benches: Sequence[str | Path] = ()) -> Path:
     """Write OUT/comparison.md, comparison.json and comparison.png; returns the Markdown file."""
     from prance.evaluation.evaluate import write_json
     from prance.evaluation.report_figures import runs_pareto
     from prance.files import atomic_write, check_writable_dir
 
-    comparison = compare_runs(runs, evaluations)
+    comparison = compare_runs(runs, evaluations, benches)
     out = check_writable_dir(out, "--out folder")
     comparison["figure"] = "comparison.png" if runs_pareto(comparison["rows"], out / "comparison.png") else None
     write_json(comparison, out / "comparison.json")
@@ -141,4 +181,4 @@ def write_comparison(runs: Sequence[str | Path], out: str | Path, evaluations: S
     return atomic_write(out / "comparison.md", lambda f: f.write(text.encode()))
 
 
-__all__ = ["compare_runs", "evaluation_row", "markdown", "write_comparison"]
+__all__ = ["attach_benches", "compare_runs", "evaluation_row", "markdown", "write_comparison"]

@@ -275,26 +275,37 @@ def _static_rows(files: RunFiles, bench: dict[str, Any] | None, dense_macs: floa
     return rows + [with_speed(row, best and best["plan"])], choice
 
 
+def bench_agreement(bench: dict[str, Any] | None, evaluation: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    """Whether ``bench`` (a bench.json) timed the model ``evaluation`` (an adaptive evaluation) evaluated:
+    ``(timed, shared, differing)`` — the test images bench timed, how many of them the evaluation also holds
+    (record indices are places in the test split), and on how many of those their MACs differ. None when
+    bench timed no adaptive model's decisions or there is no evaluation."""
+    selector = (bench or {}).get("meta", {}).get("selector")
+    if not selector or not evaluation:
+        return None
+    evaluated = {r["index"]: r["macs"] for r in evaluation.get("images", [])}
+    timed = list(zip(bench["meta"]["image_indices"] or [], selector["macs"]))
+    shared = [(i, m) for i, m in timed if i in evaluated]
+    return len(timed), len(shared), sum(evaluated[i] != m for i, m in shared)
+
+
 def _check_bench_model(row: dict[str, Any], bench: dict[str, Any] | None, prance_eval: dict[str, Any] | None) -> None:
     """Keep PRANCE's speed only if bench timed the evaluated model: the MACs bench recorded for each of its
     test images must be the ones eval/prance.json records for that image."""
-    selector = (bench or {}).get("meta", {}).get("selector")
-    if not row["speed"] or not selector or not prance_eval:
+    agreement = bench_agreement(bench, prance_eval)
+    if not row["speed"] or agreement is None:
         return
-    evaluated = {r["index"]: r["macs"] for r in prance_eval.get("images", [])}
-    timed = list(zip(bench["meta"]["image_indices"], selector["macs"]))
-    both = [(i, m) for i, m in timed if i in evaluated]  # record indices are places in the test split
-    differing = sum(evaluated[i] != m for i, m in both)
-    if differing or not both:
+    timed, shared, differing = agreement
+    if differing or not shared:
         row["speed"] = {}
         row["notes"].append(f"no speed: bench/bench.json timed another model ({bench['meta'].get('model')}): its "
-                            f"decisions cost other MACs than eval/prance.json's on {differing} of the {len(both)} "
-                            "test images both hold" if both else "no speed: none of the test images bench timed "
+                            f"decisions cost other MACs than eval/prance.json's on {differing} of the {shared} "
+                            "test images both hold" if shared else "no speed: none of the test images bench timed "
                             "is among those eval/prance.json evaluated, so bench cannot be shown to have timed "
                             "the evaluated model")
     else:
-        row["notes"].append(f"speed: bench timed the evaluated decisions (the MACs of the {len(both)} of its "
-                            f"{len(timed)} test images that eval/prance.json covers agree with it)")
+        row["notes"].append(f"speed: bench timed the evaluated decisions (the MACs of the {shared} of its "
+                            f"{timed} test images that eval/prance.json covers agree with it)")
 
 
 def _operating_point(prance_eval: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -86,6 +86,42 @@ def test_an_adaptive_models_evaluation_file_adds_one_row_with_its_own_numbers(
     assert not (tmp_path / "c2").exists()
 
 
+@pytest.mark.slow
+def test_a_bench_of_the_evaluated_model_gives_its_row_speed_ups_and_any_other_bench_is_refused(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(finished_run / "finetune" / "adaptive.pt")
+    evaluation, bench = tmp_path / "range" / "test-0.5.json", tmp_path / "bench"
+    assert main(["evaluate", "--checkpoint", model, "--limit", "50", "--out", str(evaluation)]) == 0
+    assert main(["bench", "--checkpoint", model, "--methods", "dense-timm,prance", "--batch-sizes", "1,4",
+                 "--runs", "2", "--warmup", "1", "--rounds", "1", "--pool", "8", "--threads", "1",
+                 "--out", str(bench)]) == 0
+    capsys.readouterr()
+    timed = json.loads((bench / "bench.json").read_text())
+    speed = {(r["method"], str(r["batch_size"])): r["images_per_s"] for r in timed["rows"]}
+    comparison = compare_runs([finished_run], [evaluation], [bench / "bench.json"])
+    row = comparison["rows"][-1]
+    assert row["label"] == "range/test-0.5"
+    assert row["speedup"] == {b: pytest.approx(speed["prance", b] / speed["dense-timm", b]) for b in ("1", "4")}
+    out = tmp_path / "cmp"
+    assert main(["compare", str(finished_run), "--evaluation", str(evaluation), "--bench", str(bench / "bench.json"),
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "comparison.json").read_text())["rows"][-1]["speedup"] == row["speedup"]
+
+    # Decisions that cost other MACs on one shared image are another model's: refused, as are a second bench of
+    # the same model and a file that is no bench.
+    other = tmp_path / "other.json"
+    macs = list(timed["meta"]["selector"]["macs"])
+    macs[0] += 1
+    other.write_text(json.dumps({**timed, "meta": {**timed["meta"], "selector": {**timed["meta"]["selector"],
+                                                                                   "macs": macs}}}))
+    for extra, message in (([str(other)], "did not time any --evaluation's model"),
+                           ([str(bench / "bench.json")] * 2, "already has a bench"),
+                           ([str(evaluation)], "not a bench.json")):
+        argv = ["compare", str(finished_run), "--evaluation", str(evaluation), "--out", str(tmp_path / "c2")]
+        cli_error(capsys, argv + [a for b in extra for a in ("--bench", b)], message)
+    assert not (tmp_path / "c2").exists()
+
+
 def test_bad_run_folders_are_one_line_errors_and_leave_no_output(
         finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
