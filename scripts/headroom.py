@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from prance.accounting import count_macs
 from prance.data.splits import Holdout, holdout_set, training_splits
 from prance.engine import DynamicExecutor
-from prance.evaluation.sweep import _spread, candidate_subnets
+from prance.evaluation.sweep import candidate_subnets, spread_by_macs
 from prance.selector.features import ENCODERS, FeatureNorm, raw_features
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -112,7 +112,7 @@ def main() -> None:
 
     candidates = candidate_subnets(cfg, model.space, seed=args.seed)
     macs_of = {name: count_macs(cfg, plan) for name, plan in candidates}
-    names = _spread([name for name, _ in candidates], macs_of, args.plans)
+    names = spread_by_macs([name for name, _ in candidates], macs_of, args.plans)
     names.sort(key=lambda n: macs_of[n])
     by_name = dict(candidates)
     plans = [by_name[n] for n in names]

@@ -91,14 +91,14 @@ def spread_subnets(
     reducing = [n for n, plan in candidates if plan_token_mode(plan) is not None]
     if reducing and count >= 4:
         channels_only = [n for n in by_name if n not in reducing]
-        chosen = _spread(channels_only, macs, count - count // 2) + _spread(reducing, macs, count // 2)
+        chosen = spread_by_macs(channels_only, macs, count - count // 2) + spread_by_macs(reducing, macs, count // 2)
     else:
-        chosen = _spread(list(by_name), macs, count)
+        chosen = spread_by_macs(list(by_name), macs, count)
     chosen.sort(key=lambda n: (macs[n], n))
     return [(n, by_name[n]) for n in chosen]
 
 
-def _spread(names: Sequence[str], macs: dict[str, int], count: int) -> list[str]:
+def spread_by_macs(names: Sequence[str], macs: dict[str, int], count: int) -> list[str]:
     """Up to ``count`` of ``names``: the cheapest and dearest ("min" / "max" when present) and those
     closest to evenly spaced MACs between them."""
     ordered = sorted(names, key=lambda n: (macs[n], n))
@@ -348,6 +348,7 @@ __all__ = [
     "pick_for_budget",
     "plot_sweep",
     "run_sweep",
+    "spread_by_macs",
     "spread_subnets",
     "sweep_checkpoint",
     "sweep_data",
