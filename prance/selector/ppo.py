@@ -124,7 +124,6 @@ def ppo_update(
     old_logp, old_v = rollout.log_probs.flatten(), rollout.values.flatten()
     adv_all, ret_all = advantages.flatten(), returns.flatten()
     n = len(adv_all)
-    mb = max(1, n // cfg.num_minibatches)
     ent_coef = cfg.entropy_coef(progress)
     clipfracs, approx_kl = [], torch.zeros(())
     pg_loss = v_loss = entropy_loss = torch.zeros(())
@@ -132,8 +131,8 @@ def ppo_update(
     for _ in range(cfg.update_epochs):
         epochs_run += 1
         order = torch.randperm(n, generator=generator, device=torch.device("cpu")).to(feats.device)
-        for start in range(0, n, mb):
-            idx = order[start : start + mb]
+        # num_minibatches near-equal parts: no tiny leftover minibatch when n is not a multiple of it
+        for idx in torch.tensor_split(order, min(cfg.num_minibatches, n)):
             _, logp, entropy, value = agent.get_action_and_value(feats[idx], acts[idx])
             log_ratio = logp - old_logp[idx]
             ratio = log_ratio.exp()

@@ -49,6 +49,23 @@ def test_ppo_learns_a_contextual_problem_with_a_known_optimum():
     assert float(_bandit_reward(x, agent.act_deterministic(f)).mean()) > 0.9
 
 
+def test_every_epoch_takes_num_minibatches_near_equal_steps_whatever_the_batch():
+    """150 samples in 4 minibatches are 38 + 38 + 37 + 37, not 37 × 4 and a leftover step on 2 samples."""
+    gen = torch.Generator().manual_seed(0)
+    agent = ActorCritic(5, choices=[3, 0], hidden=8)
+    feats = torch.randn(STEPS, 50, 5, generator=gen)
+    with torch.no_grad():
+        acts, logps, _, vals = agent.get_action_and_value(feats.flatten(0, 1), generator=gen)
+    rollout = Rollout(feats, acts.view(STEPS, 50, -1), logps.view(STEPS, 50), vals.view(STEPS, 50),
+                      torch.randn(STEPS, 50, generator=gen))
+    sizes: list[int] = []
+    act = agent.get_action_and_value
+    agent.get_action_and_value = lambda f, a=None, generator=None: (sizes.append(len(f)), act(f, a, generator))[1]
+    cfg = PPOConfig(update_epochs=2, num_minibatches=4, target_kl=None)
+    ppo_update(agent, torch.optim.Adam(agent.parameters(), lr=1e-3), rollout, cfg, generator=gen)
+    assert sizes == [38, 38, 37, 37] * 2
+
+
 def test_gae_matches_the_textbook_recursion_per_trajectory():
     r = torch.tensor([[1.0, 0.0], [0.5, 2.0], [-1.0, 1.0]])
     v = torch.tensor([[0.2, 0.1], [0.3, -0.4], [0.0, 0.5]])
