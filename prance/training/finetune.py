@@ -387,8 +387,10 @@ def selector_training_for(selector: Selector, budget: float, pipeline: Pipeline,
     """PPO settings, optimiser and λ for ``alternate``: a resumed run's, else the pipeline's (its
     selector run's settings and final λ), else train-selector's defaults."""
     state = dict((saved or {}).get("selector_training") or {})
-    settings = SelectorTrainConfig.from_dict({**(pipeline.selector_settings or {}), **(state.get("settings") or {}),
-                                              "budget": budget})
+    recorded = {**(pipeline.selector_settings or {}), **(state.get("settings") or {})}
+    # A record reads as its run behaved (SelectorTrainConfig.from_dict); no record means today's defaults.
+    settings = SelectorTrainConfig.from_dict({**recorded, "budget": budget}) if recorded else \
+        SelectorTrainConfig(budget=budget)
     optimizer = torch.optim.Adam(selector.agent.parameters(), lr=settings.ppo_config().lr, eps=1e-5)
     dual_state = state.get("dual") or pipeline.dual
     budgets = [float(b) for b in dual_state["budgets"]] if dual_state else [settings.budget]
@@ -523,7 +525,8 @@ def _finetune(adaptive_path: Path, cfg: FinetuneConfig, out_dir: str | os.PathLi
     else:
         selector, calibration = adaptive.selector, adaptive.calibration
         if saved is not None:
-            selector = selector_from_record(saved.get("selector"), model, folder.path / LAST)
+            # on the device before selector_training_for loads its optimiser state (Adam's moments follow it)
+            selector = selector_from_record(saved.get("selector"), model, folder.path / LAST).to(ctx.device)
             calibration = saved.get("calibration")
         training = selector_training_for(selector, adaptive.budget, pipeline, saved) if cfg.alternate else None
         task = JointTask(model, teacher, selector, adaptive.budget, splits.holdout, cfg, ctx,

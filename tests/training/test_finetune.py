@@ -24,8 +24,9 @@ from prance.plan import Plan
 from prance.selector.budget import DualAscent
 from prance.selector.selector import Selector, SelectorConfig
 from prance.training.checkpoint import atomic_save, load_checkpoint, make_checkpoint, save_checkpoint
-from prance.training.finetune import (FinetuneConfig, JointTask, StaticTask, Student, choose_static_plan, pipeline_of,
-                                     run_finetune)
+from prance.training.finetune import (FinetuneConfig, JointTask, Pipeline, StaticTask, Student, choose_static_plan,
+                                     pipeline_of, run_finetune, selector_training_for)
+from prance.training.selector import SelectorTrainConfig
 from prance.training.run import DistContext
 from tests.conftest import cli_error
 
@@ -228,6 +229,15 @@ def test_an_interrupted_joint_run_resumes_to_the_same_weights_and_selector(pipel
         run_finetune(pipeline["adaptive"], _cfg(alternate=3), tmp_path / "parts", resume=True, **common)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_alternating_run_resumes_on_a_gpu(pipeline: dict[str, Path], tmp_path: Path, fmnist_dir: str) -> None:
+    """The resumed selector is on the GPU before its PPO optimiser's state is loaded onto it."""
+    common = dict(teacher=str(pipeline["dense"]), verbose=False, device="cuda")
+    paused = run_finetune(pipeline["adaptive"], _cfg(alternate=2), tmp_path / "gpu", stop_after=4, **common)
+    assert not paused["complete"]
+    assert run_finetune(pipeline["adaptive"], _cfg(alternate=2), tmp_path / "gpu", resume=True, **common)["complete"]
+
+
 @pytest.mark.slow
 def test_the_written_adaptive_model_is_the_best_epoch_calibrated_onto_the_budget(
     pipeline: dict[str, Path], tmp_path: Path, fmnist_dir: str
@@ -360,6 +370,16 @@ def test_the_selector_runs_lambda_comes_from_its_last_pt_when_adaptive_pt_record
     atomic_save(last, run / "last.pt")
     found = pipeline_of(load_checkpoint(run / "adaptive.pt"), run / "adaptive.pt")
     assert found.teacher == str(pipeline["dense"]) and found.dual is None
+
+
+def test_alternating_without_recorded_selector_settings_trains_with_todays_defaults() -> None:
+    """No selector settings on record (e.g. a fine-tuned model fine-tuned again): PPO uses train-selector's
+    defaults, not the values that reproduce runs recorded before a setting existed."""
+    model = _meta()
+    fresh = selector_training_for(_selector(model), BUDGET, Pipeline(None, None, None), None)
+    assert fresh.settings == SelectorTrainConfig(budget=BUDGET) and fresh.settings.reward == "gain"
+    old = selector_training_for(_selector(model), BUDGET, Pipeline(None, {"budget": BUDGET}, None), None)
+    assert old.settings.reward == "outcome"  # a record without the setting reads as its run behaved
 
 
 # ----------------------------------------------------------------------------- bad input
