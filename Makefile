@@ -72,7 +72,7 @@ headline: reproduce
 		$(PY) -m prance run --schedule full --mode $${run%-*} --budget $${run##*-} --reuse $(REPRODUCE_DIR) \
 			--out $(HEADLINE_DIR)/$$run $(RUN_FLAGS) || exit 1; \
 	done
-	@# One selector for every budget (trained once on reproduce's meta-network), evaluated and benchmarked at the three budgets.
+	@# One selector for every budget (trained once on reproduce's meta-network), evaluated and benched at 3 budgets.
 	@sel=$(HEADLINE_DIR)/budget-range; resume=$$(test -f $$sel/last.pt && echo --resume); \
 	test -f $$sel/adaptive.pt || $(PY) -m prance train-selector --meta $(REPRODUCE_DIR)/meta/best.pt \
 		--budget-range 0.3,0.8 --budget-bins 11 --updates 900 --out $$sel $$resume || exit 1; \
