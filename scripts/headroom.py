@@ -24,9 +24,7 @@ images are read, never the test split.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader
 from prance.accounting import count_macs
 from prance.data.splits import Holdout, holdout_set, training_splits
 from prance.engine import DynamicExecutor
+from prance.evaluation.evaluate import write_json
 from prance.evaluation.sweep import candidate_subnets, spread_by_macs
 from prance.selector.features import ENCODERS, FeatureNorm, raw_features
 from prance.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -159,7 +158,7 @@ def main() -> None:
         parts += [f"router[{e}] {row[f'router_{e}']['top1']:.2f} %" for e in ENCODERS]
         print("  ".join(parts))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -111,11 +111,7 @@ def attach_benches(evaluated: Sequence[tuple[dict[str, Any], dict[str, Any]]], b
                               "ADAPTIVE.pt --budget B`") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
             raise PranceError(f"--bench {path} is not a bench.json written by `prance bench`") from None
-        matches = []
-        for row, result in evaluated:
-            agreement = bench_agreement(bench, result)
-            if agreement is not None and agreement[1] and not agreement[2]:
-                matches.append(row)
+        matches = [row for row, result in evaluated if _timed_it(bench_agreement(bench, result))]
         if not matches:
             raise PranceError(f"--bench {path} did not time any --evaluation's model: no adaptive model's decisions, "
                               "or none whose per-image MACs match on the test images both hold; bench the evaluated "
@@ -126,6 +122,14 @@ def attach_benches(evaluated: Sequence[tuple[dict[str, Any], dict[str, Any]]], b
                                   "bench per evaluation")
             row["speedup"] = {b: ips / speed[reference, b] for (m, b), ips in speed.items()
                               if m == "prance" and (reference, b) in speed}
+
+
+def _timed_it(agreement: tuple[int, int, int] | None) -> bool:
+    """A bench timed an evaluation's model: some test images in common, none with other MACs."""
+    if agreement is None:
+        return False
+    _, shared, differing = agreement
+    return shared > 0 and differing == 0
 
 
 def run_labels(folders: Sequence[Path]) -> list[str]:
