@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from prance.adaptive import KIND, SELECTOR_KINDS, AdaptiveViT
+from prance.data.held import HeldBatches
 from prance.data.provenance import checkpoint_dataset
 from prance.errors import PranceError
 from prance.files import recorded_path
@@ -31,17 +32,7 @@ from prance.training.checkpoint import load_checkpoint
 
 
 @torch.no_grad()
-def _holdout_batches(holdout: Dataset, device: torch.device, batch_size: int
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    images, labels = [], []
-    for x, y in DataLoader(holdout, batch_size=batch_size, shuffle=False):
-        images.append(x.to(device))
-        labels.append(y)
-    return images, torch.cat(labels)
-
-
-@torch.no_grad()
-def _measure(adaptive: AdaptiveViT, images: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+def _measure(adaptive: AdaptiveViT, images: Sequence[torch.Tensor]) -> tuple[float, torch.Tensor]:
     """Mean MACs ratio (selector included) of ``adaptive`` on ``images`` batches, and its predictions."""
     macs, predictions = [], []
     for x in images:
@@ -59,12 +50,12 @@ def calibrate_with_round_up(adaptive: AdaptiveViT, holdout: Dataset, k: int, bud
                           "at one budget: use a selector trained for one budget")
     budget = adaptive.budget if budget is None else float(adaptive.check_budget(budget)[0])
     device = adaptive.model.cls_token.device
-    images, labels = _holdout_batches(holdout, device, batch_size)
+    images = HeldBatches(holdout, device, batch_size)
     previous = {key: v for key, v in adaptive.calibration.items() if key != "without_round_up"}
     if adaptive.representatives is None:  # the lever's cost, paired: the model as given on these same images
         ratio, predictions = _measure(adaptive, images)
         previous["same_images"] = {"holdout_macs_ratio": ratio, "holdout_images": len(holdout),
-                                   "holdout_top1": 100.0 * float((predictions == labels).double().mean())}
+                                   "holdout_top1": images.accuracy(predictions)}
 
     def ratio_at(knob: float) -> float:
         adaptive.selector.knob.fill_(knob)
@@ -76,7 +67,7 @@ def calibrate_with_round_up(adaptive: AdaptiveViT, holdout: Dataset, k: int, bud
     adaptive.selector.knob.fill_(cal.knob)
     adaptive.fit_representatives(images, k)
     ratio, predictions = _measure(adaptive, images)
-    top1 = 100.0 * float((predictions == labels).double().mean())
+    top1 = images.accuracy(predictions)
     adaptive.calibration = {"knob": cal.knob, "holdout_macs_ratio": ratio, "holdout_top1": top1,
                             "holdout_images": len(holdout), "iterations": cal.iterations, "round_up": k,
                             "without_round_up": previous}

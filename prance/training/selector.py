@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prance.accounting import macs_per_sample, token_fractions
 from prance.adaptive import AdaptiveViT, selector_from_record, selector_record
+from prance.data.held import HeldBatches
 from prance.data.splits import training_splits
 from prance.engine import DynamicExecutor
 from prance.errors import PranceError
@@ -430,7 +431,7 @@ def _global_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 @torch.no_grad()
-def deployed_ratio(engine: DynamicExecutor, selector: Selector, images: list[torch.Tensor], budget: float,
+def deployed_ratio(engine: DynamicExecutor, selector: Selector, images: Sequence[torch.Tensor], budget: float,
                    dense_macs: float) -> tuple[float, torch.Tensor]:
     """Mean MACs ratio (selector included) of the deterministic selector on ``images`` batches, and its logits."""
     macs, logits = [], []
@@ -441,20 +442,10 @@ def deployed_ratio(engine: DynamicExecutor, selector: Selector, images: list[tor
     return float(torch.cat(macs).mean()) / dense_macs, torch.cat(logits)
 
 
-def _holdout_batches(holdout: Dataset, device: torch.device, batch_size: int
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The holdout's images in batches on ``device`` (read once, run many times), and all its labels."""
-    images, labels = [], []
-    for x, y in DataLoader(holdout, batch_size=batch_size, shuffle=False):
-        images.append(x.to(device))
-        labels.append(y.to(device))
-    return images, torch.cat(labels)
-
-
 def calibrate_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, budget: float, dense_macs: float,
                  device: torch.device, batch_size: int = 256) -> tuple[Calibration, float]:
     """Set the selector's knob so its mean MACs on ``holdout`` meet ``budget``; returns it and the top-1 there."""
-    images, labels = _holdout_batches(holdout, device, batch_size)
+    images = HeldBatches(holdout, device, batch_size)
 
     def ratio_at(knob: float) -> float:
         selector.knob.fill_(knob)
@@ -463,8 +454,7 @@ def calibrate_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, 
     cal = calibrate(ratio_at, budget, tolerance=0.005 * budget)
     selector.knob.fill_(cal.knob)
     ratio, logits = deployed_ratio(engine, selector, images, budget, dense_macs)
-    top1 = 100.0 * float((logits.argmax(-1) == labels).float().mean())
-    return Calibration(cal.knob, ratio, cal.iterations), top1
+    return Calibration(cal.knob, ratio, cal.iterations), images.accuracy(logits)
 
 
 def calibrate_range_on(engine: DynamicExecutor, selector: Selector, holdout: Dataset, knots: list[float],
@@ -475,7 +465,7 @@ def calibrate_range_on(engine: DynamicExecutor, selector: Selector, holdout: Dat
     Returns the calibration record: the curve, and per point (the knots, the midpoints between
     them and ``budget``) the knob, holdout mean MACs ratio and top-1 of the deployed selector;
     ``holdout_macs_ratio`` / ``holdout_top1`` at the top level are those at ``budget``."""
-    images, labels = _holdout_batches(holdout, device, batch_size)
+    images = HeldBatches(holdout, device, batch_size)
     selector.knob_curve = None
     selector.knob.zero_()
 
@@ -493,10 +483,10 @@ def calibrate_range_on(engine: DynamicExecutor, selector: Selector, holdout: Dat
         ratio, logits = deployed_ratio(engine, selector, images, b, dense_macs)
         points.append({"budget": b, "knob": float(curve(torch.tensor([b], dtype=torch.float64))[0]),
                        "holdout_macs_ratio": ratio, "calibrated": b in knots,
-                       "holdout_top1": 100.0 * float((logits.argmax(-1) == labels).float().mean())})
+                       "holdout_top1": images.accuracy(logits)})
     at = min(points, key=lambda p: abs(p["budget"] - budget))
     return {"knob_curve": curve.to_dict(), "points": points, "holdout_macs_ratio": at["holdout_macs_ratio"],
-            "holdout_top1": at["holdout_top1"], "holdout_images": len(labels),
+            "holdout_top1": at["holdout_top1"], "holdout_images": len(images.labels),
             "iterations": sum(c.iterations for c in cals)}
 
 
