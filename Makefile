@@ -25,7 +25,7 @@ LEVERS_DIR ?= runs/levers
 # round-up-* reuse every training stage (reproduce rounds up to K = 4, the default): only rounding, evaluation and
 # bench run.
 LEVERS := round-up-off:round_up.k=0 round-up-8:round_up.k=8 encoder-cls:selector.encoder=cls \
-	mlp-per-stage:selector.mlp_per_stage=true keep-grid-0.1:selector.keep_grid=0.1 alternate-10:finetune.alternate=10
+	mlp-per-stage:selector.mlp_per_stage=true keep-grid-0.1:selector.keep_grid=0.1 fixed-selector:finetune.alternate=0
 RUN_FLAGS ?=
 # pytest-xdist workers for `make test` (each runs one torch thread); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
@@ -36,7 +36,7 @@ help:
 	@echo "make demo        the whole pipeline on Fashion-MNIST, short schedule (26 min on 2 idle cores of a 2 GHz Zen 1), into $(DEMO_DIR)"
 	@echo "make reproduce   the whole pipeline with the headline schedule, into $(REPRODUCE_DIR)"
 	@echo "make headline    after reproduce: merge at 0.35 and 0.7, prune and prune_merge at 0.5, compared in $(HEADLINE_DIR)"
-	@echo "make levers      after reproduce: round-up off/K=8, cls encoder, MLP per stage, keep grid, alternate"
+	@echo "make levers      after reproduce: round-up off/K=8, cls encoder, MLP per stage, keep grid, fixed-selector fine-tuning"
 	@echo "make test        run the tests"
 	@echo "make setup       create $(VENV) (Python 3.11) with the exact versions of requirements.lock"
 	@echo "make data        make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)"
