@@ -3,7 +3,7 @@
 #   make reproduce   set up, then the whole pipeline with the headline schedule (prance run --schedule full)
 #   make headline    after reproduce: merge at budgets 0.35 and 0.7, prune and prune_merge at 0.5, one table
 #   make levers      after reproduce: speed levers (round-up, MLP per stage, keep grid), the cls state encoder and
-#                    alternating fine-tuning, one table
+#                    fine-tuning with the selector fixed, one table
 #   make test        set up, then run the test suite
 .DEFAULT_GOAL := help
 SHELL := /bin/bash

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import overload
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 #: Holdouts up to this size (as float32 tensors) are kept in host memory between passes.
 HOST_CACHE_BYTES = 4 << 30
@@ -75,7 +75,7 @@ class HeldBatches(Sequence[torch.Tensor]):
             return self._batches[index].to(self.device)
         start = index * self.batch_size
         rows = range(start, min(start + self.batch_size, len(self.labels)))
-        return torch.stack([self.dataset[i][0] for i in rows]).to(self.device)
+        return default_collate([self.dataset[i] for i in rows])[0].to(self.device)  # as the DataLoader does
 
     def accuracy(self, predictions: torch.Tensor) -> float:
         """Top-1 (%) of ``predictions`` (class indices or logits, in batch order) against ``labels``."""

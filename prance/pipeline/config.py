@@ -108,7 +108,7 @@ class FinetuneStage:
     distill_weight: float = 0.5
     # One PPO update of the selector every N steps (0: the selector stays fixed). 10: on the full schedule's
     # 40-epoch merge run at budget 0.5 (`make levers`), holdout top-1 90.57 % against 90.52 % with the selector
-    # fixed, and with round-up to K = 4 after it 90.53 % against 90.08 %; about 14 % more fine-tuning time.
+    # fixed, and with round-up to K = 4 after it 90.53 % against 90.08 %; about 13 % more fine-tuning time.
     alternate: int = 10
     augment: bool = True  # random crops and flips of the training images
     limit: int | None = None

@@ -18,7 +18,7 @@ TINY = {
     "meta": {"epochs": 1, "max_steps": 6, "batch_size": 32, "warmup_steps": 1},
     "sweep": {"count": 4},
     "selector": {"updates": 3, "batch_size": 16, "hidden": 16, "checkpoint_every": 1},
-    "finetune": {"max_steps": 4, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 1},
+    "finetune": {"max_steps": 4, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 1, "alternate": 2},
     "static_finetune": {"static_candidates": 3},
     "bench": {"batch_sizes": [1, 4], "runs": 2, "warmup": 1, "rounds": 1, "pool": 8},
     "report": {"overlays": 2},
