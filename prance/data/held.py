@@ -41,7 +41,6 @@ class HeldBatches(Sequence[torch.Tensor]):
                     batches = None
         self._batches = batches
         self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        self._count = len(labels)
 
     @property
     def cached(self) -> bool:
@@ -51,7 +50,7 @@ class HeldBatches(Sequence[torch.Tensor]):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False)
 
     def __len__(self) -> int:
-        return self._count
+        return -(-len(self.labels) // self.batch_size)  # batches: the last may be partial
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         source = self._batches if self._batches is not None else (x for x, _ in self._loader())
