@@ -5,7 +5,8 @@ epochs at lr 1e-3 with 2 warm-up epochs, batch 64; meta-network 2 epochs down to
 12 static subnets; 300 selector updates; 1 epoch of joint fine-tuning, with one selector update
 every 10 steps, and of static-plan fine-tuning; decisions rounded up to K = 4 per stage; bench at
 batch 1 and 64). ``demo`` shows the whole method on Fashion-MNIST in under half an hour on two
-idle cores of a 2 GHz Zen-1 EPYC, set-up included: every stage runs on the full data sets, only shorter, on ``fmnist-micro`` (a quarter of
+idle cores of a 2 GHz Zen-1 EPYC, set-up included: every stage runs on the full data sets, only
+shorter, on ``fmnist-micro`` (a quarter of
 fmnist-tiny's MACs), and no stage augments. Its dense model trains one epoch at lr 4e-3 — in so
 short a run crops and flips only slow learning down (20 000 images: holdout 73.4 % without them,
 51.4 % with; lr 2e-3 72.8 %, batch 32 at 1e-3 71.4 %; fmnist-tiny 70.3 % in 2.6 times the time).
